@@ -1,0 +1,75 @@
+"""Choosing between the Triton kernels and their torch references.
+
+The choice is made per call from the tensors' device and two environment variables, never at
+import time:
+
+- ``T2L_KERNELS=auto`` (default): Triton for CUDA tensors, and for CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before Python started; the torch reference otherwise.
+- ``T2L_KERNELS=triton``: always Triton; raises :class:`KernelUnavailable` with the reasons when it
+  cannot run.
+- ``T2L_KERNELS=torch``: always the torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENV_VAR = "T2L_KERNELS"
+_CHOICES = ("auto", "triton", "torch")
+
+
+class KernelUnavailable(RuntimeError):
+    """Raised when Triton is forced but cannot run on the given tensors."""
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        return f"triton cannot be imported ({exc})"
+    return None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_blockers(*tensors: torch.Tensor) -> list[str]:
+    """Reasons why the Triton path cannot run on these tensors (empty list: it can)."""
+    reasons = []
+    err = _triton_import_error()
+    if err:
+        reasons.append(err)
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and interpreter_enabled():
+            continue
+        reasons.append(
+            f"tensor on {t.device.type} needs CUDA, or TRITON_INTERPRET=1 set before Python starts"
+        )
+        break
+    return reasons
+
+
+def mode() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value not in _CHOICES:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(_CHOICES)}")
+    return value
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton implementation should run for these input tensors."""
+    choice = mode()
+    if choice == "torch":
+        return False
+    reasons = triton_blockers(*tensors)
+    if choice == "triton" and reasons:
+        raise KernelUnavailable(f"{ENV_VAR}=triton but Triton cannot run: " + "; ".join(reasons))
+    return not reasons

@@ -1,0 +1,254 @@
+"""Batched, on-device augmentations: the internal dataset's training examples and CLIP's views.
+
+One mechanism serves both: every geometric augmentation (crop, resize, flip, affine, perspective)
+is a 3x3 homography from output to input coordinates in the [-1, 1] convention of
+``grid_sample`` (align_corners=False); a batch of views is one ``grid_sample``. Colour jitter and
+greyscale act per view with vectorised random factors. All random draws come from a
+``torch.Generator`` on the CPU (same results on any device), then move to the images' device.
+
+Colour jitter differs from torchvision's in two documented ways: the four operations run in a fixed
+order (brightness, contrast, saturation, hue), and the hue shift is a rotation of the chroma plane
+in YIQ space instead of a shift in HSV.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig, ViewConfig
+
+LUMA = (0.299, 0.587, 0.114)
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def _bernoulli(n: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=gen, dtype=torch.float64) < p
+
+
+def _eye(n: int) -> torch.Tensor:
+    return torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
+
+
+def crop_matrix(scale_x: torch.Tensor, scale_y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """Output [-1,1]^2 -> input box of half-extent (scale_x, scale_y) centred at (cx, cy)."""
+    m = _eye(len(scale_x))
+    m[:, 0, 0], m[:, 1, 1], m[:, 0, 2], m[:, 1, 2] = scale_x, scale_y, cx, cy
+    return m
+
+
+def flip_matrix(flip: torch.Tensor) -> torch.Tensor:
+    m = _eye(len(flip))
+    m[:, 0, 0] = torch.where(flip, -1.0, 1.0).double()
+    return m
+
+
+def affine_matrix(angle_deg: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Rotation by ``angle`` about the centre and a translation (fractions of the size), in pixel
+    geometry (so rotations stay rigid on non-square views), as an output -> input map."""
+    n = len(angle_deg)
+    a = torch.deg2rad(angle_deg)
+    d = torch.diag(torch.tensor([w / 2.0, h / 2.0, 1.0], dtype=torch.float64))
+    rot = _eye(n)
+    rot[:, 0, 0], rot[:, 0, 1], rot[:, 1, 0], rot[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+    shift = _eye(n)
+    shift[:, 0, 2], shift[:, 1, 2] = -tx * w, -ty * h
+    return torch.linalg.inv(d) @ rot @ shift @ d
+
+
+def homography_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """(N, 4, 2) point pairs -> (N, 3, 3) H with H @ [src, 1] ~ [dst, 1] (direct linear transform)."""
+    n = src.shape[0]
+    x, y = src[..., 0], src[..., 1]
+    u, v = dst[..., 0], dst[..., 1]
+    zeros, ones = torch.zeros_like(x), torch.ones_like(x)
+    rows_u = torch.stack([x, y, ones, zeros, zeros, zeros, -u * x, -u * y], dim=-1)
+    rows_v = torch.stack([zeros, zeros, zeros, x, y, ones, -v * x, -v * y], dim=-1)
+    a = torch.cat([rows_u, rows_v], dim=1)  # (N, 8, 8)
+    b = torch.cat([u, v], dim=1)  # (N, 8)
+    h = torch.linalg.solve(a, b)
+    return torch.cat([h, torch.ones(n, 1, dtype=h.dtype)], dim=1).view(n, 3, 3)
+
+
+CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
+
+
+def perspective_matrix(shifts: torch.Tensor) -> torch.Tensor:
+    """Corners moved inwards by ``shifts`` (N, 4, 2) in [0, distortion]; output -> input map that
+    takes the moved corners (where the image lands) back to the original corners."""
+    corners = torch.tensor(CORNERS, dtype=torch.float64).expand(len(shifts), 4, 2)
+    moved = corners - corners.sign() * shifts
+    return homography_from_points(moved, corners)
+
+
+def warp(images: torch.Tensor, homography: torch.Tensor, size: tuple[int, int], fill: float | None = None) -> torch.Tensor:
+    """Resample ``images`` (N or 1, C, H, W) through per-view homographies (N, 3, 3) to (N, C, h, w).
+
+    Bilinear; outside the input the value is ``fill`` (blended by coverage, so it stays
+    differentiable), or zero when ``fill`` is None.
+    """
+    n = homography.shape[0]
+    h, w = size
+    ys = (torch.arange(h, dtype=torch.float64) * 2 + 1) / h - 1
+    xs = (torch.arange(w, dtype=torch.float64) * 2 + 1) / w - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, h * w, 3)
+    mapped = pts @ homography.transpose(1, 2)  # (N, h*w, 3)
+    grid = (mapped[..., :2] / mapped[..., 2:]).view(n, h, w, 2).to(images.device, torch.float32)
+    if images.shape[0] == 1 and n > 1:
+        images = images.expand(n, -1, -1, -1)
+    if fill is None:
+        return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    ones = torch.ones_like(images[:, :1])
+    out = F.grid_sample(torch.cat([images, ones], 1), grid.to(images.dtype), mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
+    cover = out[:, -1:]
+    return out[:, :-1] + (1 - cover) * fill
+
+
+# ---------------------------------------------------------------------------------------------------
+# Colour
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ColourParams:
+    """Per-view colour factors (N,): identity values where the jitter was not drawn."""
+
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor  # fraction of a full turn
+    grayscale: torch.Tensor  # bool
+
+    @staticmethod
+    def draw(n: int, p_jitter: float, strength: float, p_gray: float, gen: torch.Generator) -> ColourParams:
+        on = _bernoulli(n, p_jitter, gen)
+        one = torch.ones(n, dtype=torch.float64)
+
+        def factor() -> torch.Tensor:
+            return torch.where(on, _uniform(n, 1 - strength, 1 + strength, gen), one)
+
+        b, c, s = factor(), factor(), factor()
+        h = torch.where(on, _uniform(n, -strength, strength, gen), torch.zeros(n, dtype=torch.float64))
+        return ColourParams(b, c, s, h, _bernoulli(n, p_gray, gen))
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
+    """x (N, 3, H, W) in [0, 1] -> jittered (N, 3, H, W) in [0, 1]."""
+
+    def col(t: torch.Tensor) -> torch.Tensor:
+        return t.to(x.device, x.dtype).view(-1, 1, 1, 1)
+
+    x = (x * col(p.brightness)).clamp(0, 1)
+    mean = _luma(x).mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * col(p.contrast) + mean).clamp(0, 1)
+    gray = _luma(x)
+    x = ((x - gray) * col(p.saturation) + gray).clamp(0, 1)
+    # hue: rotate the chroma (I, Q) plane of YIQ
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          dtype=torch.float64)
+    n = x.shape[0]
+    ang = 2 * math.pi * p.hue
+    rot = _eye(n)
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = ang.cos(), -ang.sin(), ang.sin(), ang.cos()
+    m = (torch.linalg.inv(to_yiq) @ rot @ to_yiq).to(x.device, x.dtype)  # (N, 3, 3)
+    x = torch.einsum("ndc,nchw->ndhw", m, x).clamp(0, 1)
+    return torch.where(col(p.grayscale).bool(), _luma(x).expand_as(x), x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP views
+# ---------------------------------------------------------------------------------------------------
+def view_size(h: int, w: int, short: int = 224, max_long: int = 320, patch: int = 32) -> tuple[int, int]:
+    """Short side ``short``, long side in proportion, at most ``max_long``, rounded down to whole
+    patches (the patch embedding would drop the leftover pixels anyway)."""
+    long = max(h, w) * short / min(h, w)
+    long = max(short, min(max_long, int(long // patch) * patch))
+    return (short, long) if h <= w else (long, short)
+
+
+@dataclass
+class ViewParams:
+    """Random parameters of n CLIP views; view 0 is the whole image (no crop)."""
+
+    geometry: torch.Tensor  # (N, 3, 3) output -> input homographies
+    colour: ColourParams
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.geometry.shape[0]
+
+    @staticmethod
+    def draw(n: int, image_hw: tuple[int, int], cfg: ViewConfig, gen: torch.Generator, patch: int = 32) -> ViewParams:
+        size = view_size(*image_hw, cfg.short_side, cfg.max_long_side, patch)
+        s = _uniform(n, cfg.min_cover, 1.0, gen)
+        s[0] = 1.0
+        cx = (1 - s) * _uniform(n, -1, 1, gen)
+        cy = (1 - s) * _uniform(n, -1, 1, gen)
+        geometry = crop_matrix(s, s, cx, cy)
+        geometry = geometry @ flip_matrix(_bernoulli(n, cfg.flip_p, gen))
+        affine_on = _bernoulli(n, cfg.affine_p, gen)
+        angle = torch.where(affine_on, _uniform(n, -cfg.degrees, cfg.degrees, gen), torch.zeros(n, dtype=torch.float64))
+        tx = torch.where(affine_on, _uniform(n, -cfg.translate, cfg.translate, gen), torch.zeros(n, dtype=torch.float64))
+        ty = torch.where(affine_on, _uniform(n, -cfg.translate, cfg.translate, gen), torch.zeros(n, dtype=torch.float64))
+        geometry = geometry @ affine_matrix(angle, tx, ty, *size)
+        persp_on = _bernoulli(n, cfg.perspective_p, gen)
+        shifts = torch.rand(n, 4, 2, generator=gen, dtype=torch.float64) * cfg.distortion
+        shifts = torch.where(persp_on.view(n, 1, 1), shifts, torch.zeros_like(shifts))
+        geometry = geometry @ perspective_matrix(shifts)
+        colour = ColourParams.draw(n, cfg.jitter_p, cfg.jitter, cfg.grayscale_p, gen)
+        return ViewParams(geometry, colour, size)
+
+
+def make_views(image: torch.Tensor, params: ViewParams, fill: float, min_cover: float) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1] -> (N, 3, h, w) augmented views in [0, 1] (CLIP normalises inside).
+
+    The image is first downscaled once, antialiased, so that the smallest crop is resampled at
+    about 1:1 (bilinear warping alone would alias).
+    """
+    vh, vw = params.size
+    h, w = image.shape[-2:]
+    base = (max(vh, round(vh / min_cover)), max(vw, round(vw / min_cover)))
+    if base[0] < h or base[1] < w:
+        image = F.interpolate(image, size=base, mode="bilinear", antialias=True, align_corners=False)
+    views = warp(image, params.geometry, params.size, fill=fill)
+    return apply_colour(views, params.colour)
+
+
+def resize_view(image: torch.Tensor, short: int, max_long: int, patch: int = 32) -> torch.Tensor:
+    """The un-augmented view (structure loss): (B, 3, H, W) -> (B, 3, h, w), antialiased."""
+    size = view_size(*image.shape[-2:], short, max_long, patch)
+    return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Internal dataset (training examples from the one input)
+# ---------------------------------------------------------------------------------------------------
+def draw_example(image: torch.Tensor, cfg: DataConfig, gen: torch.Generator, min_side: int) -> torch.Tensor:
+    """One augmented training example from ``image`` (1, 3, H, W): colour jitter, flip, random
+    scale, random crop covering ``crop_min_cover``..1 of each side. Sides stay >= ``min_side``."""
+    h, w = image.shape[-2:]
+    scale = float(_uniform(1, cfg.scale_min, cfg.scale_max, gen))
+    cover = _uniform(2, cfg.crop_min_cover, 1.0, gen)
+    out_h = max(min_side, round(h * scale * float(cover[0])))
+    out_w = max(min_side, round(w * scale * float(cover[1])))
+    sy, sx = cover[0:1], cover[1:2]
+    cy = (1 - sy) * _uniform(1, -1, 1, gen)
+    cx = (1 - sx) * _uniform(1, -1, 1, gen)
+    geometry = crop_matrix(sx, sy, cx, cy) @ flip_matrix(_bernoulli(1, cfg.flip_p, gen))
+    if out_h < h * float(sy) or out_w < w * float(sx):  # downscaling: antialias first
+        pre = (max(out_h, round(out_h / float(sy))), max(out_w, round(out_w / float(sx))))
+        image = F.interpolate(image, size=pre, mode="bilinear", antialias=True, align_corners=False)
+    example = warp(image, geometry, (out_h, out_w), fill=None)
+    colour = ColourParams.draw(1, cfg.jitter_p, 0.1, 0.0, gen)
+    return apply_colour(example, colour)

@@ -1,0 +1,324 @@
+"""Configuration: nested dataclasses with presets, YAML (de)serialisation and ``key=value`` overrides.
+
+Own YAML files are nested (``loss: {lambda_structure: 2}``); the reference implementation's flat
+files (``comp_text``, ``lambda_structure``, ``n_epochs``, ...) map through one explicit table,
+``REFERENCE_KEYS``. An unknown key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .io import InputError
+
+
+@dataclass
+class DataConfig:
+    """The internal dataset: augmented crops of the one input (DESIGN §1)."""
+
+    size: int = 512  # short side the input is resized to (down only; 0 keeps the input size)
+    source_every: int = 75  # feed the un-augmented input every N steps
+    crop_min_cover: float = 0.85  # random crop covers this..1 of each side
+    flip_p: float = 0.5
+    jitter_p: float = 0.1
+    scale_min: float = 0.8
+    scale_max: float = 1.2
+
+
+@dataclass
+class ViewConfig:
+    """The augmented views fed to CLIP."""
+
+    n_aug: int = 16
+    short_side: int = 224
+    max_long_side: int = 320  # augmented views
+    structure_max_long_side: int = 380  # un-augmented view of the structure loss
+    min_cover: float = 0.6  # views 1..n-1 crop this..1 of each side
+    fill: float = 1.0  # value outside the image after affine / perspective warps
+    flip_p: float = 0.5
+    affine_p: float = 0.8
+    degrees: float = 15.0
+    translate: float = 0.1
+    perspective_p: float = 0.5
+    distortion: float = 0.4
+    jitter_p: float = 0.7
+    jitter: float = 0.1  # brightness, contrast, saturation and hue strength
+    grayscale_p: float = 0.15
+
+
+@dataclass
+class GeneratorConfig:
+    """Deep-Image-Prior skip encoder-decoder."""
+
+    scales: int = 7
+    channels_down: int = 128
+    channels_up: int = 128
+    channels_skip: int = 4
+
+
+@dataclass
+class LossConfig:
+    lambda_composition: float = 1.0
+    lambda_screen: float = 1.0
+    lambda_structure: float = 2.0
+    lambda_sparsity: float = 6.0
+    lambda_alpha_l1: float = 0.01
+    lambda_alpha_l0: float = 0.01
+    lambda_bootstrap: float = 10.0
+    bootstrap_steps: int | None = None  # None: all steps when a ROI prompt is given; 0: off
+    text_criterion: str = "spherical"  # spherical | cosine
+    relevancy_num_layers: int = 10  # relevancy uses the attention of the blocks after this one
+
+
+@dataclass
+class OptimConfig:
+    """MADGRAD with an exponential learning-rate schedule."""
+
+    steps: int = 1000
+    lr: float = 2.5e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    gamma: float = 0.99
+    min_lr: float = 1e-5
+
+
+@dataclass
+class Config:
+    prompt: str = ""  # T: describes the whole edited image (comp_text)
+    screen_prompt: str | None = None  # T_screen: the edit layer alone; defaults to prompt
+    roi_prompt: str | None = None  # T_ROI: the region of interest in the source (src_text)
+    bootstrap_prompt: str | None = None  # relevancy text; defaults to roi_prompt
+    seed: int = 0
+    clip: str = "ViT-B-32"  # open_clip model name, or "test-tiny"
+    clip_weights: str | None = None  # local weights file; None: OpenAI weights from the HF hub
+    preview_every: int = 0  # write a preview image every N steps (0: never)
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def effective_screen_prompt(self) -> str:
+        return self.screen_prompt or self.prompt
+
+    @property
+    def effective_bootstrap_prompt(self) -> str | None:
+        return self.bootstrap_prompt or self.roi_prompt
+
+    @property
+    def effective_bootstrap_steps(self) -> int:
+        """Steps over which the relevancy bootstrap is annealed (0 when it is off)."""
+        if self.effective_bootstrap_prompt is None or self.loss.lambda_bootstrap <= 0:
+            return 0
+        steps = self.optim.steps if self.loss.bootstrap_steps is None else self.loss.bootstrap_steps
+        return max(0, steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> Config:
+        """Raise InputError for values no run can use. Returns self."""
+        if not self.prompt or not self.prompt.strip():
+            raise InputError("the prompt is empty: pass --prompt 'a golden cat' (or comp_text in the config)")
+        for name in ("screen_prompt", "roi_prompt", "bootstrap_prompt"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise InputError(f"{name} is empty: give it some text or leave it out")
+        if self.optim.steps <= 0:
+            raise InputError(f"steps must be > 0 (got {self.optim.steps}): pass e.g. --steps 1000")
+        if self.views.n_aug < 1:
+            raise InputError(f"views.n_aug must be >= 1 (got {self.views.n_aug})")
+        if self.data.size < 0:
+            raise InputError(f"data.size must be >= 0 (got {self.data.size})")
+        if self.loss.text_criterion not in ("spherical", "cosine"):
+            raise InputError(f"loss.text_criterion must be spherical or cosine (got {self.loss.text_criterion!r})")
+        if not 0 < self.data.crop_min_cover <= 1 or not 0 < self.views.min_cover <= 1:
+            raise InputError("crop_min_cover and views.min_cover must be in (0, 1]")
+        if not 0 < self.data.scale_min <= self.data.scale_max:
+            raise InputError("data.scale_min must be > 0 and <= data.scale_max")
+        return self
+
+
+def preset(name: str = "image") -> Config:
+    """The defaults of the paper for ``image`` or ``video`` edits (DESIGN §1)."""
+    if name == "image":
+        return Config()
+    if name == "video":
+        cfg = Config()
+        cfg.views.n_aug = 6
+        cfg.loss.lambda_structure = 3.0
+        cfg.loss.lambda_sparsity = 0.1
+        cfg.loss.lambda_alpha_l0 = 0.005
+        cfg.loss.lambda_alpha_l1 = 0.01
+        cfg.optim.steps = 3000
+        cfg.optim.gamma = 0.999
+        return cfg
+    raise InputError(f"unknown preset {name!r}: use 'image' or 'video'")
+
+
+# The reference implementation's flat keys. A dotted path maps the value; a tuple
+# (None, allowed) accepts the key only with a value this implementation reproduces; None ignores it.
+_Fixed = tuple
+REFERENCE_KEYS: dict[str, str | _Fixed | None] = {
+    "comp_text": "prompt",
+    "screen_text": "screen_prompt",
+    "src_text": "roi_prompt",
+    "bootstrap_text": "bootstrap_prompt",
+    "seed": "seed",
+    "log_images_freq": "preview_every",
+    "resize_input": "data.size",
+    "source_image_every": "data.source_every",
+    "crops_min_cover": "data.crop_min_cover",
+    "flip_p": "data.flip_p",
+    "jitter_p": "data.jitter_p",
+    "scale_min": "data.scale_min",
+    "scale_max": "data.scale_max",
+    "text_criterion": "loss.text_criterion",
+    "bootstrap_epoch": "loss.bootstrap_steps",
+    "lambda_bootstrap": "loss.lambda_bootstrap",
+    "lambda_structure": "loss.lambda_structure",
+    "lambda_screen": "loss.lambda_screen",
+    "lambda_sparsity": "loss.lambda_sparsity",
+    "lambda_alpha_l0": "loss.lambda_alpha_l0",
+    "lambda_alpha_l1": "loss.lambda_alpha_l1",
+    "lambda_composition": "loss.lambda_composition",
+    "relevancy_num_layers": "loss.relevancy_num_layers",
+    "n_aug": "views.n_aug",
+    "clip_affine_transform_fill": "views.fill",
+    "n_epochs": "optim.steps",
+    "lr": "optim.lr",
+    "gamma": "optim.gamma",
+    "min_lr": "optim.min_lr",
+    "skip_n33d": "generator.channels_down",
+    "skip_n33u": "generator.channels_up",
+    "skip_n11": "generator.channels_skip",
+    "num_scales": "generator.scales",
+    # accepted only with the values this implementation reproduces
+    "bootstrap_scheduler": (None, ("linear",)),
+    "lambda_bootstrap_min": (None, (0, 0.0)),
+    "bootstrapping_min_cover": (None, (1, 1.0)),
+    "use_negative_bootstrap": (None, (False,)),
+    "scheduler_policy": (None, ("exponential",)),
+    "optimizer": (None, ("madgrad",)),
+    "clip_model_name": (None, ("ViT-B/32",)),
+    "d_divisible_crops": (None, (1,)),
+    # logging / paths of the reference: not used here (input, device and output come from the CLI)
+    "use_wandb": None,
+    "wandb_project": None,
+    "wandb_entity": None,
+    "device": None,
+    "results_folder": None,
+    "image_path": None,
+}
+
+
+def _field_types(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """Convert ``value`` (from YAML, or a string from the CLI) to the field's annotated type."""
+    optional = annotation.endswith("| None")
+    kind = annotation.replace("| None", "").strip()
+    if isinstance(value, str) and kind != "str":
+        value = None if value.strip().lower() in ("", "none", "null", "~") else yaml.safe_load(value)
+    if value is None:
+        if optional:
+            return None
+        raise InputError(f"config key {key!r} needs a value")
+    if kind == "str":
+        return str(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InputError(f"config key {key!r} expects true/false, got {value!r}")
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"config key {key!r} expects a number, got {value!r}")
+        if kind == "int" and float(value) != int(value):
+            raise InputError(f"config key {key!r} expects an integer, got {value!r}")
+        return int(value) if kind == "int" else float(value)
+    return value
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key (``loss.lambda_structure``) or a reference flat key; unknown keys raise."""
+    if key in REFERENCE_KEYS:
+        target = REFERENCE_KEYS[key]
+        if target is None:
+            return
+        if isinstance(target, tuple):
+            allowed = target[1]
+            parsed = yaml.safe_load(value) if isinstance(value, str) else value
+            if parsed not in allowed:
+                raise InputError(f"config key {key!r}={parsed!r} is not supported (only {allowed[0]!r})")
+            return
+        if key == "bootstrap_epoch" and _coerce(value, "int", key) <= 0:
+            value = 0
+        key = target
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        fields = _field_types(obj)
+        if part not in fields:
+            raise InputError(f"unknown config key {key!r}: see `t2l-fast edit --help` or a saved config.yaml")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise InputError(f"config key {key!r} is a section: set one of its keys, e.g. {key}.<name>")
+            setattr(obj, part, _coerce(value, str(fields[part].type), key))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise InputError(f"unknown config key {key!r}")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for k, v in data.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            items += _flatten(v, path + ".")
+        else:
+            items.append((path, v))
+    return items
+
+
+def apply_dict(cfg: Config, data: dict[str, Any]) -> Config:
+    for key, value in _flatten(data):
+        set_value(cfg, key, value)
+    return cfg
+
+
+def load_yaml(path: str | Path, base: Config | None = None) -> Config:
+    """Read a config file (own nested format or the reference's flat keys) over ``base``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"config file {path} is not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path} must hold a mapping of keys to values")
+    return apply_dict(base or preset("image"), data)
+
+
+def parse_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` strings (``--set loss.lambda_structure=3``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value)
+    return cfg

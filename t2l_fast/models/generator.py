@@ -1,0 +1,108 @@
+"""The edit-layer generator: a Deep-Image-Prior "skip" encoder-decoder (DESIGN §1).
+
+Input (B, 3, H, W) in [0, 1]; output RGBA (B, 4, H, W) in (0, 1) of the same size. Every scale
+halves the resolution with a stride-2 3x3 conv; the decoder upsamples bilinearly and centre-crops
+to the skip branch, so any size >= MIN_SIDE works. BatchNorm always uses batch statistics (the
+reference never switches it to eval mode); we build it with ``track_running_stats=False`` so that
+no running-statistics buffers are mutated inside a compiled graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import GeneratorConfig
+
+
+def min_side(scales: int) -> int:
+    """Smallest input side: the deepest feature map must keep 2 pixels for reflection padding."""
+    return 2**scales + 1
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
+    pad = (k - 1) // 2
+    layers: list[nn.Module] = [nn.ReflectionPad2d(pad)] if pad else []
+    layers.append(nn.Conv2d(cin, cout, k, stride=stride, bias=True))
+    return nn.Sequential(*layers)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, track_running_stats=False)
+
+
+def _act() -> nn.LeakyReLU:
+    return nn.LeakyReLU(0.2)
+
+
+def _centre_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    dh, dw = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+    return x[:, :, dh : dh + h, dw : dw + w]
+
+
+class _Level(nn.Module):
+    """One scale: a 1x1 skip branch beside (down, inner levels, upsample), then the up convs."""
+
+    def __init__(self, cin: int, down: int, up: int, skip: int, inner: nn.Module | None, inner_out: int,
+                 bn_after_1x1: bool):
+        super().__init__()
+        self.skip = nn.Sequential(_conv(cin, skip, 1), _bn(skip), _act()) if skip else None
+        self.down = nn.Sequential(_conv(cin, down, 3, stride=2), _bn(down), _act(),
+                                  _conv(down, down, 3), _bn(down), _act())
+        self.inner = inner
+        deep = inner_out if inner is not None else down
+        self.up = nn.Sequential(
+            _bn(skip + deep),
+            _conv(skip + deep, up, 3), _bn(up), _act(),
+            _conv(up, up, 1), *([_bn(up)] if bn_after_1x1 else []), _act(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deep = self.down(x)
+        if self.inner is not None:
+            deep = self.inner(deep)
+        deep = F.interpolate(deep, scale_factor=2, mode="bilinear", align_corners=False)
+        if self.skip is None:
+            return self.up(deep)
+        skip = self.skip(x)
+        h, w = min(skip.shape[2], deep.shape[2]), min(skip.shape[3], deep.shape[3])
+        return self.up(torch.cat([_centre_crop(skip, h, w), _centre_crop(deep, h, w)], dim=1))
+
+
+def _decorrelation_matrix() -> torch.Tensor:
+    """3x3 map from a decorrelated colour space to RGB (square root of ImageNet's colour covariance,
+    first component damped by 1.6, normalised by the largest column norm)."""
+    m = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+    m = m / torch.tensor([1.6, 1.0, 1.0])
+    return m / m.norm(dim=0).max()
+
+
+class Generator(nn.Module):
+    """RGBA edit-layer generator. ``forward``: (B, 3, H, W) -> (B, 4, H, W), values in (0, 1)."""
+
+    def __init__(self, cfg: GeneratorConfig | None = None):
+        super().__init__()
+        cfg = cfg or GeneratorConfig()
+        self.scales = cfg.scales
+        inner: nn.Module | None = None
+        inner_out = 0
+        for i in reversed(range(cfg.scales)):
+            cin = 3 if i == 0 else cfg.channels_down
+            inner = _Level(cin, cfg.channels_down, cfg.channels_up, cfg.channels_skip, inner, inner_out,
+                           bn_after_1x1=i > 0)
+            inner_out = cfg.channels_up
+        self.body = inner
+        self.head = nn.Conv2d(cfg.channels_up, 4, 1, bias=True)
+        self.register_buffer("decorrelate", _decorrelation_matrix(), persistent=False)
+
+    @property
+    def min_side(self) -> int:
+        return min_side(self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_side:
+            raise ValueError(f"generator input {tuple(x.shape[-2:])} is smaller than {self.min_side} px")
+        out = self.head(self.body(x))  # (B, 4, H, W) logits
+        rgb = torch.einsum("dc,bchw->bdhw", self.decorrelate.to(out.dtype), out[:, :3])
+        return torch.sigmoid(torch.cat([rgb, out[:, 3:]], dim=1))

@@ -1,0 +1,228 @@
+"""The image editor: trains the generator on one image against a frozen CLIP and renders the edit."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from madgrad import MADGRAD
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..augment import draw_example
+from ..config import Config, preset
+from ..io import InputError, atomic_path, check_output_dir, fit_size, save_png, save_text, to_image_tensor
+from ..kernels import composite_rgba
+from ..losses import Objective
+from ..models.clip import Clip, load_clip
+from ..models.generator import Generator, min_side
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict[str, float]], None]
+PreviewCallback = Callable[[int, torch.Tensor], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an InputError."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    return device
+
+
+@dataclass
+class EditResult:
+    """An edit: every tensor (C, H, W) float32 in [0, 1] on the CPU."""
+
+    source: torch.Tensor
+    composite: torch.Tensor
+    edit: torch.Tensor  # colour of the edit layer
+    alpha: torch.Tensor  # (1, H, W) opacity of the edit layer
+    greenscreen: torch.Tensor
+    losses: list[dict[str, float]]
+    config: Config
+    generator_state: dict[str, torch.Tensor] = field(repr=False)
+    steps_done: int = 0
+    interrupted: bool = False
+    is_test_model: bool = False
+
+    @property
+    def edit_layer(self) -> torch.Tensor:
+        """(4, H, W) RGBA edit layer."""
+        return torch.cat([self.edit, self.alpha], dim=0)
+
+    def save(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write composite, edit layer, alpha, green screen, config and generator into ``out_dir``.
+
+        Every file is written whole (temporary file + rename).
+        """
+        out = check_output_dir(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [
+            save_png(self.composite, out / "composite.png"),
+            save_png(self.edit_layer, out / "edit_layer.png"),
+            save_png(self.alpha, out / "alpha.png"),
+            save_png(self.greenscreen, out / "greenscreen.png"),
+            save_text(self.config.to_yaml(), out / "config.yaml"),
+        ]
+        meta = {
+            "generator": json.dumps(self.config.to_dict()["generator"]),
+            "image_size": json.dumps(list(self.source.shape[-2:])),
+            "steps": str(self.steps_done),
+            "clip": self.config.clip,
+        }
+        with atomic_path(out / "generator.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.generator_state.items()}, str(tmp), metadata=meta)
+        paths.append(out / "generator.safetensors")
+        return paths
+
+
+class ImageEditor:
+    """Text-driven layered image editing.
+
+    >>> editor = ImageEditor(device="cuda")                    # doctest: +SKIP
+    >>> result = editor("horse.jpg", prompt="golden horse", roi_prompt="horse")  # doctest: +SKIP
+    >>> result.save("out/")                                    # doctest: +SKIP
+
+    config: the run's settings (``preset("image")`` by default); device: ``auto``, ``cuda`` or
+    ``cpu``; dtype: compute dtype of generator and CLIP under autocast (float32 default);
+    clip: an already built :class:`Clip` (tests inject the tiny one), else loaded on first use.
+    """
+
+    def __init__(self, config: Config | None = None, device: str | torch.device = "auto",
+                 dtype: torch.dtype = torch.float32, clip: Clip | None = None):
+        self.config = config or preset("image")
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self._clip = clip.to(self.device) if clip is not None else None
+
+    @property
+    def clip(self) -> Clip:
+        if self._clip is None:
+            self._clip = load_clip(self.config.clip, self.config.clip_weights, self.device)
+        return self._clip
+
+    def prepare(self, image, prompt: str | None = None, screen_prompt: str | None = None,
+                roi_prompt: str | None = None) -> tuple[Config, torch.Tensor, list[str]]:
+        """Validate everything cheap before any model loads: returns (config, source (1,3,H,W), notes)."""
+        cfg = copy.deepcopy(self.config)
+        if prompt is not None:
+            cfg.prompt = prompt
+        if screen_prompt is not None:
+            cfg.screen_prompt = screen_prompt
+        if roi_prompt is not None:
+            cfg.roi_prompt = roi_prompt
+        cfg.validate()
+        smallest = min_side(cfg.generator.scales)
+        if cfg.data.size and cfg.data.size < smallest:
+            raise InputError(f"--size {cfg.data.size} is below the generator's minimum of {smallest} px")
+        source, notes = to_image_tensor(image)
+        source = fit_size(source, cfg.data.size, smallest)
+        if cfg.seed < 0:
+            cfg.seed = random.randrange(2**31)
+        return cfg, source[None], notes
+
+    def __call__(self, image, prompt: str | None = None, screen_prompt: str | None = None,
+                 roi_prompt: str | None = None, *, on_step: StepCallback | None = None,
+                 on_preview: PreviewCallback | None = None, progress: bool = False) -> EditResult:
+        """Edit ``image`` (path, PIL image or (3, H, W) tensor in [0, 1]) as the prompts say."""
+        cfg, source, notes = self.prepare(image, prompt, screen_prompt, roi_prompt)
+        for note in notes:
+            log.info(note)
+        return self.train(cfg, source, on_step=on_step, on_preview=on_preview, progress=progress)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def train(self, cfg: Config, source: torch.Tensor, *, on_step: StepCallback | None = None,
+              on_preview: PreviewCallback | None = None, progress: bool = False) -> EditResult:
+        """The optimisation loop on a prepared source (1, 3, H, W). Ctrl-C ends it early with the
+        current generator (``result.interrupted``)."""
+        device = self.device
+        clip = self.clip
+        source = source.to(device)
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        generator = Generator(cfg.generator).to(device)
+        objective = Objective(clip, cfg)
+        opt = MADGRAD(generator.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                      weight_decay=cfg.optim.weight_decay)
+        floor = cfg.optim.min_lr / cfg.optim.lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(cfg.optim.gamma**s, floor))
+        history: list[dict[str, float]] = []
+        interrupted = False
+        bar = tqdm(total=cfg.optim.steps, disable=not progress, desc="editing", unit="step", dynamic_ncols=True)
+        try:
+            for step in range(cfg.optim.steps):
+                examples = [draw_example(source, cfg.data, gen, generator.min_side)]
+                if step % cfg.data.source_every == 0:
+                    examples.append(source)
+                terms: dict[str, torch.Tensor] = {}
+                with self._autocast():
+                    for example in examples:
+                        for k, v in objective(example, generator(example), step, gen).items():
+                            terms[k] = terms.get(k, 0) + v / len(examples)
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                opt.step()
+                sched.step()
+                record = {k: float(v.detach()) for k, v in terms.items()}
+                history.append(record)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()}, refresh=False)
+                bar.update()
+                if on_step:
+                    on_step(step, record)
+                if on_preview and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
+                    on_preview(step, self.render(generator, source)[0][0].cpu())
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted after %d steps: keeping the current result", len(history))
+        finally:
+            bar.close()
+        return self._result(cfg, generator, source, history, interrupted, clip.is_test_model)
+
+    @torch.no_grad()
+    def render(self, generator: Generator, source: torch.Tensor):
+        """Run the generator on the whole source: (composite, rgba, greenscreen), batched (1, C, H, W)."""
+        with self._autocast():
+            rgba = generator(source).float()
+        out = composite_rgba(rgba, source)
+        return out.composite, rgba, out.greenscreen
+
+    def _result(self, cfg, generator, source, history, interrupted, is_test) -> EditResult:
+        composite, rgba, greenscreen = self.render(generator, source)
+        state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+        return EditResult(
+            source=source[0].cpu(), composite=composite[0].cpu(), edit=rgba[0, :3].cpu(), alpha=rgba[0, 3:].cpu(),
+            greenscreen=greenscreen[0].cpu(), losses=history, config=cfg, generator_state=state,
+            steps_done=len(history), interrupted=interrupted, is_test_model=is_test,
+        )
+
+    def apply(self, generator_path: str | os.PathLike, image) -> EditResult:
+        """Re-apply a saved ``generator.safetensors`` to an image without training."""
+        path = Path(generator_path)
+        if not path.is_file():
+            raise InputError(f"generator weights not found: {path}")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        cfg = copy.deepcopy(self.config)
+        for k, v in json.loads(meta.get("generator", "{}")).items():
+            setattr(cfg.generator, k, v)
+        source, _ = to_image_tensor(image)
+        source = fit_size(source, cfg.data.size, min_side(cfg.generator.scales))[None].to(self.device)
+        generator = Generator(cfg.generator).to(self.device)
+        generator.load_state_dict(load_file(str(path)))
+        return self._result(cfg, generator, source, [], False, False)
+
