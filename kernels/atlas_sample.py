@@ -25,8 +25,9 @@ atlas gradient with atomic adds (relaxed; summation order, hence the last bits, 
 writes d opacity / d frames when those need gradients. UVs get no gradient from the kernel: with
 ``uv.requires_grad`` under grad mode the dispatcher uses the reference instead. Texel coordinates
 follow the CUDA ``grid_sample`` formula ix = ((x + 1) Wa - 1) / 2 (align_corners=False) and its
-weights (x0 + 1 - ix) and (ix - x0); taps outside the atlas read zero. fp64 atlases compute in fp64
-(gradcheck).
+weights (x0 + 1 - ix) and (ix - x0); taps outside the atlas read zero. Non-finite UVs are unspecified
+(grid_sample gives NaN; the kernel treats them as far outside or propagates NaN, by backend). fp64
+atlases compute in fp64 (gradcheck).
 """
 
 from __future__ import annotations

@@ -154,8 +154,11 @@ def _composite_bwd_kernel(
             dcol += a * gc
             da += (col - back) * gc
             if NEED_DBG:
-                tl.store(dbg_ptr + b * 3 * N + c * N + offs, ((1.0 - a) * gc).to(dbg_ptr.dtype.element_ty),
-                         mask=mask)
+                tl.store(
+                    dbg_ptr + b * 3 * N + c * N + offs,
+                    ((1.0 - a) * gc).to(dbg_ptr.dtype.element_ty),
+                    mask=mask,
+                )
         if HAS_GG:
             gg = tl.load(ggp + c * N, mask=mask, other=0.0).to(ACC)
             dcol += a * gg
@@ -187,8 +190,9 @@ def _grid(b: int, n: int, block: int) -> tuple[int, int]:
 def _composite_fwd(rgba: torch.Tensor, background: torch.Tensor) -> CompositeOut:
     b, _, h, w = rgba.shape
     n = h * w
-    comp = torch.empty((b, 3, h, w), dtype=torch.promote_types(rgba.dtype, background.dtype),
-                       device=rgba.device)
+    comp = torch.empty(
+        (b, 3, h, w), dtype=torch.promote_types(rgba.dtype, background.dtype), device=rgba.device
+    )
     green = torch.empty((b, 3, h, w), dtype=rgba.dtype, device=rgba.device)
     block, warps = _block(rgba, n)
     grid = _grid(b, n, block)

@@ -62,8 +62,20 @@ def self_similarity_mse_reference(tokens: torch.Tensor, target: torch.Tensor) ->
 
 
 @jit
-def _gram_tile(t_ptr, ri, rj, mi, mj, D, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def _gram_tile(
+    t_ptr,
+    ri,
+    rj,
+    mi,
+    mj,
+    D,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Gram tile <t_i, t_j> (BM, BN) and the norms |t_i| (BM,), |t_j| (BN,), from one pass over D."""
     gram = tl.zeros((BM, BN), dtype=ACC)
     ssi = tl.zeros((BM,), dtype=ACC)
@@ -164,9 +176,9 @@ def _ssim_bwd_coef_kernel(
         if NEED_DTGT:
             tl.store(dtgt_ptr + offs, (scale * (tgt - s)).to(dtgt_ptr.dtype.element_ty), mask=m2)
     else:
-        gs = tl.load(g_ptr + offs, mask=m2, other=0.0).to(ACC) + tl.load(g_ptr + offs_t, mask=m2, other=0.0).to(
-            ACC
-        )
+        gs = tl.load(g_ptr + offs, mask=m2, other=0.0).to(ACC) + tl.load(
+            g_ptr + offs_t, mask=m2, other=0.0
+        ).to(ACC)
     gs = tl.where(m2, gs, 0.0)
     tl.store(p_ptr + offs, (gs / n).to(p_ptr.dtype.element_ty), mask=m2)
     # Unclamped: n = |t_i||t_j| > 0, so Gs S |t_j| / (|t_i| n) = Gs S / |t_i|^2; clamped pairs add nothing.
@@ -208,12 +220,17 @@ def _ssim_bwd_tokens_kernel(
         t = tl.load(t_base + (k0 + rk)[:, None] * D + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0)
         acc += tl.dot(p.to(ACC), t.to(ACC), input_precision=PREC, out_dtype=ACC)
     rq = tl.arange(0, NJ_P2)
-    q = tl.load(q_ptr + (b * K + ri)[:, None] * NJ + rq[None, :], mask=mi[:, None] & (rq < NJ)[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + (b * K + ri)[:, None] * NJ + rq[None, :], mask=mi[:, None] & (rq < NJ)[None, :], other=0.0
+    )
     q = tl.sum(q.to(ACC), axis=1)
     m2 = mi[:, None] & md[None, :]
     ti = tl.load(t_base + ri[:, None] * D + rd[None, :], mask=m2, other=0.0).to(ACC)
-    tl.store(dt_ptr + b * K * D + ri[:, None] * D + rd[None, :], (acc - q[:, None] * ti).to(dt_ptr.dtype.element_ty),
-             mask=m2)
+    tl.store(
+        dt_ptr + b * K * D + ri[:, None] * D + rd[None, :],
+        (acc - q[:, None] * ti).to(dt_ptr.dtype.element_ty),
+        mask=m2,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,11 +356,7 @@ def self_similarity_mse_triton(tokens: torch.Tensor, target: torch.Tensor) -> to
 
 
 def _triton_ok(*tensors: torch.Tensor) -> bool:
-    return (
-        use_triton(*tensors)
-        and tensors[0].numel() > 0
-        and all(t.dtype in FLOAT_DTYPES for t in tensors)
-    )
+    return use_triton(*tensors) and tensors[0].numel() > 0 and all(t.dtype in FLOAT_DTYPES for t in tensors)
 
 
 def self_similarity(tokens: torch.Tensor) -> torch.Tensor:

@@ -172,8 +172,8 @@ def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
 def view_size(h: int, w: int, short: int = 224, max_long: int = 320, patch: int = 32) -> tuple[int, int]:
     """Short side ``short``, long side in proportion, at most ``max_long``, rounded down to whole
     patches (the patch embedding would drop the leftover pixels anyway)."""
-    long = max(h, w) * short / min(h, w)
-    long = max(short, min(max_long, int(long // patch) * patch))
+    long = min(max_long, max(h, w) * short / min(h, w))
+    long = max(short, int(long // patch) * patch)
     return (short, long) if h <= w else (long, short)
 
 

@@ -86,7 +86,7 @@ def edit(
         editor = ImageEditor(cfg, device=device)
         cfg, source, notes = editor.prepare(image)
         for note in notes:
-            log.info("%s: %s", image, note)
+            typer.echo(f"note: {image}: {note}", err=True)
         if cfg.clip == "test-tiny":
             typer.echo(NOT_A_REAL_EDIT, err=True)
         editor.config = cfg
@@ -97,7 +97,7 @@ def edit(
         raise _fail("interrupted before training started; nothing written", 130) from None
 
     h, w = source.shape[-2:]
-    log.info("editing %s (%dx%d) for %d steps on %s", image, w, h, cfg.optim.steps, editor.device)
+    typer.echo(f"editing {image} ({w}x{h}) for {cfg.optim.steps} steps on {editor.device}", err=True)
 
     def preview(step: int, composite) -> None:
         folder = out / "previews"

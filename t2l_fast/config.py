@@ -8,6 +8,7 @@ files (``comp_text``, ``lambda_structure``, ``n_epochs``, ...) map through one e
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,12 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
             raise InputError(f"config key {key!r} expects true/false, got {value!r}")
         return value
     if kind in ("int", "float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InputError(f"config key {key!r} expects a number, got {value!r}")
         if kind == "int" and float(value) != int(value):
             raise InputError(f"config key {key!r} expects an integer, got {value!r}")

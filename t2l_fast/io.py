@@ -68,9 +68,10 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
     try:
         with Image.open(path) as img:
             img.load()
-            oriented = ImageOps.exif_transpose(img)
-            if oriented is not img:
+            # exif_transpose returns a copy even when there is nothing to do: note only a real turn
+            if img.getexif().get(0x0112, 1) in range(2, 9):
                 notes.append("EXIF orientation applied")
+            oriented = ImageOps.exif_transpose(img)
             return _pil_to_tensor(oriented, notes), notes
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from None

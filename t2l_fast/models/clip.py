@@ -311,10 +311,16 @@ def load_clip(name: str = "ViT-B-32", weights: str | os.PathLike | None = None,
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI metadata entries
         if key in state and state[key].dim() == 0:
             state.pop(key)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        detail = ", ".join([f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]])
-        raise ClipWeightsError(f"CLIP weights do not match {name} ({detail}): pass weights of that model")
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} has shape {tuple(v.shape)}, not {tuple(expected[k].shape)}"
+                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if problems:
+        more = f" and {len(problems) - 2} more" if len(problems) > 2 else ""
+        raise ClipWeightsError(f"CLIP weights do not match {name} ({'; '.join(problems[:2])}{more}): "
+                               "pass weights of that model")
+    model.load_state_dict(state)
     return Clip(model, open_clip.get_tokenizer(name), name).to(device)
 
 

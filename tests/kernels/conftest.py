@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where the Triton kernels can run: CUDA, else CPU under TRITON_INTERPRET=1."""

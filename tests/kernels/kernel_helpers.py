@@ -15,7 +15,9 @@ TOLERANCES = {
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> None:
     """Compare in fp64 at the tolerance of ``dtype``; ``scale`` widens atol for large-magnitude values."""
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from kernel_helpers import DTYPES, assert_close
 from t2l_fast.kernels.composite import (
     CompositeOut,
     composite_rgba,
     composite_rgba_reference,
     composite_rgba_triton,
 )
-
-from kernel_helpers import DTYPES, assert_close
 
 SHAPES = [(1, 1, 1), (2, 5, 7), (3, 13, 19)]  # (B, H, W): odd, non-power-of-two
 
@@ -89,7 +87,9 @@ def test_gradcheck_float64(device) -> None:
     rgba, bg = _inputs(2, 2, 3, torch.float64, device)
     rgba.requires_grad_()
     bg.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: tuple(composite_rgba_triton(a, b)), (rgba, bg), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: tuple(composite_rgba_triton(a, b)), (rgba, bg), fast_mode=True
+    )
 
 
 def test_public_function_and_empty_batch(device) -> None:

@@ -1,0 +1,187 @@
+"""The ``t2l-fast edit`` command: a full run and every bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from t2l_fast import cli
+from t2l_fast.losses import Objective
+from t2l_fast.pipeline import image as image_pipeline
+
+runner = CliRunner()
+FAST = ["--clip", "test-tiny", "--set", "generator.channels_down=8", "--set", "generator.channels_up=8",
+        "--set", "views.n_aug=2", "--device", "cpu"]
+
+
+@pytest.fixture
+def png(tmp_path):
+    path = tmp_path / "cat.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if any CLIP were loaded: bad input must be caught before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(image_pipeline, "load_clip", refuse)
+
+
+def run(*args):
+    return runner.invoke(cli.app, ["edit", *map(str, args)])
+
+
+def test_three_step_run_writes_every_output(tmp_path, png):
+    out = tmp_path / "out"
+    result = run(png, "--prompt", "a golden cat", "--steps", 3, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "NOT a real edit" in result.output
+    assert f"wrote 6 files to {out}" in result.output
+    modes = {"composite.png": "RGB", "edit_layer.png": "RGBA", "alpha.png": "L", "greenscreen.png": "RGB"}
+    for name, mode in modes.items():
+        with Image.open(out / name) as img:
+            assert (img.mode, img.size) == (mode, (200, 150))
+    config = (out / "config.yaml").read_text()
+    assert "prompt: a golden cat" in config and "steps: 3" in config and "clip: test-tiny" in config
+    assert (out / "generator.safetensors").stat().st_size > 0
+
+
+def test_config_file_is_rerunnable_and_reference_flat_keys_work(tmp_path, png):
+    flat = tmp_path / "golden.yaml"
+    flat.write_text('comp_text: "golden cat"\nsrc_text: "cat"\nbootstrap_epoch: 2\nn_epochs: 2\n')
+    out = tmp_path / "a"
+    result = run(png, "--config", flat, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    cfg = (out / "config.yaml").read_text()
+    assert "roi_prompt: cat" in cfg and "bootstrap_steps: 2" in cfg
+    again = run(png, "--config", out / "config.yaml", "--out", tmp_path / "b", *FAST)
+    assert again.exit_code == 0, again.output
+    a = np.asarray(Image.open(out / "composite.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / "composite.png"))
+    assert np.array_equal(a, b)  # same resolved config and seed: the same edit
+
+
+def test_previews(tmp_path, png):
+    out = tmp_path / "out"
+    result = run(png, "--prompt", "x", "--steps", 2, "--preview-every", 1, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["step_00001.png", "step_00002.png"]
+
+
+def test_ctrl_c_writes_current_results_and_exits_130(tmp_path, png, monkeypatch):
+    calls = {"n": 0}
+    original = Objective.__call__
+
+    def interrupt_second_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # step 0 has two examples (crop and whole image)
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Objective, "__call__", interrupt_second_step)
+    out = tmp_path / "out"
+    result = run(png, "--prompt", "x", "--steps", 5, "--out", out, *FAST)
+    assert result.exit_code == 130
+    assert (out / "composite.png").is_file() and "(1 steps)" in result.output
+
+
+def _bad(tmp_path, args, message):
+    out = tmp_path / "never"
+    result = run(*args, "--out", out, *FAST) if "--out" not in map(str, args) else run(*args, *FAST)
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_missing_file(tmp_path, no_model):
+    _bad(tmp_path, [tmp_path / "nope.png", "--prompt", "x"], "image not found")
+
+
+def test_not_an_image(tmp_path, no_model):
+    fake = tmp_path / "fake.png"
+    fake.write_text("hello")
+    _bad(tmp_path, [fake, "--prompt", "x"], "not an image file")
+
+
+def test_truncated_image(tmp_path, png, no_model):
+    data = png.read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])
+    _bad(tmp_path, [cut, "--prompt", "x"], "truncated")
+
+
+def test_out_is_a_file(tmp_path, png, no_model):
+    afile = tmp_path / "file.txt"
+    afile.write_text("keep me")
+    _bad(tmp_path, [png, "--prompt", "x", "--out", afile], "not a folder")
+    assert afile.read_text() == "keep me"
+
+
+def test_out_cannot_be_created(tmp_path, png, no_model):
+    afile = tmp_path / "file.txt"
+    afile.write_text("keep me")
+    _bad(tmp_path, [png, "--prompt", "x", "--out", afile / "sub"], "cannot be created")
+
+
+def test_empty_prompt(tmp_path, png, no_model):
+    _bad(tmp_path, [png, "--prompt", "  "], "prompt is empty")
+    _bad(tmp_path, [png], "prompt is empty")
+
+
+def test_unknown_config_key(tmp_path, png, no_model):
+    _bad(tmp_path, [png, "--prompt", "x", "--set", "loss.lambda_strcture=3"], "'loss.lambda_strcture'")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("comp_text: x\nlamda_structure: 2\n")
+    _bad(tmp_path, [png, "--config", bad], "'lamda_structure'")
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_steps_not_positive(tmp_path, png, no_model, steps):
+    _bad(tmp_path, [png, "--prompt", "x", "--steps", steps], "steps must be > 0")
+
+
+def test_image_too_small(tmp_path, no_model):
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((100, 300, 3), dtype=np.uint8)).save(small)
+    _bad(tmp_path, [small, "--prompt", "x"], "at least 129 px")
+
+
+def test_missing_clip_weights_file(tmp_path, png, no_model):
+    args = [png, "--prompt", "x", "--clip-weights", tmp_path / "w.safetensors", "--out", tmp_path / "never"]
+    result = runner.invoke(cli.app, ["edit", *map(str, args)])
+    assert result.exit_code != 0 and "--clip-weights file not found" in result.output
+
+
+def test_accepted_conversions_are_reported(tmp_path, monkeypatch):
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.full((140, 150, 4), 200, dtype=np.uint8)).save(rgba)
+    out = tmp_path / "out"
+    result = run(rgba, "--prompt", "x", "--steps", 1, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "alpha channel is ignored" in result.output
+
+
+def test_large_images_are_resized_to_size(tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8)).save(big)
+    out = tmp_path / "out"
+    result = run(big, "--prompt", "x", "--steps", 1, "--size", 150, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "composite.png").size == (200, 150)
+
+
+def test_no_args_shows_help():
+    result = runner.invoke(cli.app, [])
+    assert "edit" in result.output
+    assert torch.__version__  # the CLI imports without touching the GPU

@@ -1,0 +1,125 @@
+"""The library: ImageEditor end to end on the CPU with the tiny CLIP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import t2l_fast
+from t2l_fast import ImageEditor, preset
+from t2l_fast.io import InputError
+from tests.conftest import small_config
+
+
+def test_public_names():
+    for name in ("ImageEditor", "EditResult", "Config", "preset", "load_clip"):
+        assert hasattr(t2l_fast, name)
+
+
+def test_edit_returns_every_layer(tiny_clip, image):
+    cfg = small_config(steps=2)
+    cfg.roi_prompt = "cat"
+    result = ImageEditor(cfg, device="cpu", clip=tiny_clip)(image)
+    h, w = image.shape[-2:]
+    assert result.composite.shape == (3, h, w) and result.greenscreen.shape == (3, h, w)
+    assert result.edit.shape == (3, h, w) and result.alpha.shape == (1, h, w)
+    assert result.edit_layer.shape == (4, h, w)
+    a = result.alpha
+    torch.testing.assert_close(result.composite, a * result.edit + (1 - a) * image, atol=1e-5, rtol=0)
+    assert len(result.losses) == 2 and result.steps_done == 2 and not result.interrupted
+    assert {"loss", "comp_clip", "comp_dir", "screen", "structure", "sparsity", "bootstrap"} <= set(result.losses[0])
+    assert result.is_test_model
+
+
+def test_same_seed_same_result_and_different_seed_differs(tiny_clip, image):
+    cfg = small_config(steps=2)
+    a = ImageEditor(cfg, device="cpu", clip=tiny_clip)(image)
+    b = ImageEditor(cfg, device="cpu", clip=tiny_clip)(image)
+    torch.testing.assert_close(a.composite, b.composite, atol=0, rtol=0)
+    assert a.losses == b.losses
+    cfg.seed = 1
+    c = ImageEditor(cfg, device="cpu", clip=tiny_clip)(image)
+    assert not torch.equal(a.composite, c.composite)
+
+
+def test_accepts_path_and_pil(tmp_path, tiny_clip, image):
+    arr = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    path = tmp_path / "in.png"
+    Image.fromarray(arr).save(path)
+    editor = ImageEditor(small_config(steps=1), device="cpu", clip=tiny_clip)
+    from_path = editor(path)
+    from_pil = editor(Image.open(path))
+    torch.testing.assert_close(from_path.composite, from_pil.composite)
+    torch.testing.assert_close(from_path.source, torch.from_numpy(arr).permute(2, 0, 1).float() / 255)
+
+
+def test_optimisation_reduces_the_objective(tiny_clip, image):
+    """A few steps on a fixed problem lower the loss (tiny CLIP, fp32)."""
+    cfg = small_config(steps=12)
+    cfg.data.source_every = 1  # the full image every step: a fixed input makes losses comparable
+    cfg.data.crop_min_cover = 1.0
+    cfg.data.scale_min = cfg.data.scale_max = 1.0
+    cfg.data.flip_p = cfg.data.jitter_p = 0.0
+    cfg.optim.lr = 1e-2
+    result = ImageEditor(cfg, device="cpu", clip=tiny_clip)(image)
+    first = np.mean([r["loss"] for r in result.losses[:3]])
+    last = np.mean([r["loss"] for r in result.losses[-3:]])
+    assert last < first
+
+
+def test_save_writes_every_output(tmp_path, tiny_clip, image):
+    result = ImageEditor(small_config(steps=1), device="cpu", clip=tiny_clip)(image)
+    out = tmp_path / "out"
+    result.save(out)
+    expected = {"composite.png": "RGB", "edit_layer.png": "RGBA", "alpha.png": "L", "greenscreen.png": "RGB"}
+    for name, mode in expected.items():
+        with Image.open(out / name) as img:
+            assert img.mode == mode and img.size == (170, 140)
+    cfg = t2l_fast.config.load_yaml(out / "config.yaml")
+    assert cfg == result.config
+    assert (out / "generator.safetensors").is_file()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_saved_generator_reapplies_without_training(tmp_path, tiny_clip, image):
+    cfg = small_config(steps=2)
+    result = ImageEditor(cfg, device="cpu", clip=tiny_clip)(image)
+    result.save(tmp_path)
+    fresh = ImageEditor(preset("image"), device="cpu", clip=tiny_clip)  # generator size comes from the file
+    fresh.config.data.size = 0
+    again = fresh.apply(tmp_path / "generator.safetensors", image)
+    torch.testing.assert_close(again.composite, result.composite, atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="not found"):
+        fresh.apply(tmp_path / "nope.safetensors", image)
+
+
+def test_keyboard_interrupt_keeps_the_current_result(tiny_clip, image):
+    def stop(step, record):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    result = ImageEditor(small_config(steps=5), device="cpu", clip=tiny_clip)(image, on_step=stop)
+    assert result.interrupted and result.steps_done == 2
+    assert result.composite.shape == (3, 140, 170)
+
+
+def test_previews_every_n_steps(tiny_clip, image):
+    cfg = small_config(steps=4)
+    cfg.preview_every = 2
+    seen = []
+    ImageEditor(cfg, device="cpu", clip=tiny_clip)(image, on_preview=lambda step, img: seen.append((step, img.shape)))
+    assert seen == [(1, (3, 140, 170)), (3, (3, 140, 170))]
+
+
+def test_bad_inputs_raise_before_training(tiny_clip, image):
+    editor = ImageEditor(small_config(), device="cpu", clip=tiny_clip)
+    with pytest.raises(InputError, match="prompt is empty"):
+        editor(image, prompt="  ")
+    with pytest.raises(InputError, match="at least 129 px"):
+        editor(torch.rand(3, 100, 300))
+    with pytest.raises(InputError, match="no CUDA"):
+        if torch.cuda.is_available():
+            raise InputError("no CUDA (skipped: a GPU is present)")
+        ImageEditor(small_config(), device="cuda", clip=tiny_clip)
