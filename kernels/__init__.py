@@ -5,7 +5,7 @@ oracle) and its Triton implementation; the public functions below dispatch betwe
 (see ``_dispatch``). This package knows nothing of the rest of t2l_fast.
 """
 
-from ._dispatch import KernelUnavailable, triton_blockers, use_triton
+from ._dispatch import KernelUnavailable, implementation, triton_blockers, use_triton
 from .atlas_sample import AtlasSampleOut, sample_atlas, sample_atlas_reference
 from .composite import GREEN, CompositeOut, composite_rgba, composite_rgba_reference
 from .self_similarity import (
@@ -21,6 +21,7 @@ __all__ = [
     "CompositeOut",
     "KernelUnavailable",
     "composite_rgba",
+    "implementation",
     "composite_rgba_reference",
     "sample_atlas",
     "sample_atlas_reference",

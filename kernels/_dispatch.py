@@ -12,8 +12,11 @@ import time:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -57,7 +60,26 @@ def triton_blockers(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("t2l_kernels", default=None)
+
+
+@contextlib.contextmanager
+def implementation(choice: str) -> Iterator[None]:
+    """Within the block, use ``choice`` (auto, triton or torch) instead of ``T2L_KERNELS``."""
+    if choice not in _CHOICES:
+        raise ValueError(f"implementation {choice!r} is not one of {', '.join(_CHOICES)}")
+    token = _override.set(choice)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
 def mode() -> str:
+    """The implementation choice in force: an ``implementation()`` block, else ``T2L_KERNELS``."""
+    forced = _override.get()
+    if forced is not None:
+        return forced
     value = os.environ.get(ENV_VAR, "auto").strip().lower()
     if value not in _CHOICES:
         raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(_CHOICES)}")

@@ -1,8 +1,8 @@
 """t2l_fast: fast text-driven layered image and video editing (Text2LIVE).
 
-    >>> from t2l_fast import ImageEditor
-    >>> result = ImageEditor()("horse.jpg", prompt="golden horse", roi_prompt="horse")  # doctest: +SKIP
-    >>> result.save("out/")  # doctest: +SKIP
+>>> from t2l_fast import ImageEditor
+>>> result = ImageEditor()("horse.jpg", prompt="golden horse", roi_prompt="horse")  # doctest: +SKIP
+>>> result.save("out/")  # doctest: +SKIP
 """
 
 from .config import Config, load_yaml, preset

@@ -36,7 +36,9 @@ def _eye(n: int) -> torch.Tensor:
     return torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
 
 
-def crop_matrix(scale_x: torch.Tensor, scale_y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+def crop_matrix(
+    scale_x: torch.Tensor, scale_y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor
+) -> torch.Tensor:
     """Output [-1,1]^2 -> input box of half-extent (scale_x, scale_y) centred at (cx, cy)."""
     m = _eye(len(scale_x))
     m[:, 0, 0], m[:, 1, 1], m[:, 0, 2], m[:, 1, 2] = scale_x, scale_y, cx, cy
@@ -49,7 +51,9 @@ def flip_matrix(flip: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def affine_matrix(angle_deg: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def affine_matrix(
+    angle_deg: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, h: int, w: int
+) -> torch.Tensor:
     """Rotation by ``angle`` about the centre and a translation (fractions of the size), in pixel
     geometry (so rotations stay rigid on non-square views), as an output -> input map."""
     n = len(angle_deg)
@@ -87,7 +91,9 @@ def perspective_matrix(shifts: torch.Tensor) -> torch.Tensor:
     return homography_from_points(moved, corners)
 
 
-def warp(images: torch.Tensor, homography: torch.Tensor, size: tuple[int, int], fill: float | None = None) -> torch.Tensor:
+def warp(
+    images: torch.Tensor, homography: torch.Tensor, size: tuple[int, int], fill: float | None = None
+) -> torch.Tensor:
     """Resample ``images`` (N or 1, C, H, W) through per-view homographies (N, 3, 3) to (N, C, h, w).
 
     Bilinear; outside the input the value is ``fill`` (blended by coverage, so it stays
@@ -104,10 +110,17 @@ def warp(images: torch.Tensor, homography: torch.Tensor, size: tuple[int, int], 
     if images.shape[0] == 1 and n > 1:
         images = images.expand(n, -1, -1, -1)
     if fill is None:
-        return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        return F.grid_sample(
+            images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+        )
     ones = torch.ones_like(images[:, :1])
-    out = F.grid_sample(torch.cat([images, ones], 1), grid.to(images.dtype), mode="bilinear",
-                        padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(
+        torch.cat([images, ones], 1),
+        grid.to(images.dtype),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )
     cover = out[:, -1:]
     return out[:, :-1] + (1 - cover) * fill
 
@@ -155,8 +168,9 @@ def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
     gray = _luma(x)
     x = ((x - gray) * col(p.saturation) + gray).clamp(0, 1)
     # hue: rotate the chroma (I, Q) plane of YIQ
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          dtype=torch.float64)
+    to_yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
+    )
     n = x.shape[0]
     ang = 2 * math.pi * p.hue
     rot = _eye(n)
@@ -179,7 +193,8 @@ def view_size(h: int, w: int, short: int = 224, max_long: int = 320, patch: int 
 
 @dataclass
 class ViewParams:
-    """Random parameters of n CLIP views; view 0 is the whole image (no crop)."""
+    """Random parameters of the CLIP views of one or more examples (``n`` views each, in order);
+    view 0 of every example is the whole image (no crop)."""
 
     geometry: torch.Tensor  # (N, 3, 3) output -> input homographies
     colour: ColourParams
@@ -188,9 +203,29 @@ class ViewParams:
     def __len__(self) -> int:
         return self.geometry.shape[0]
 
+    def __getitem__(self, index: slice) -> ViewParams:
+        c = self.colour
+        colour = ColourParams(
+            c.brightness[index], c.contrast[index], c.saturation[index], c.hue[index], c.grayscale[index]
+        )
+        return ViewParams(self.geometry[index], colour, self.size)
+
     @staticmethod
-    def draw(n: int, image_hw: tuple[int, int], cfg: ViewConfig, gen: torch.Generator, patch: int = 32) -> ViewParams:
-        size = view_size(*image_hw, cfg.short_side, cfg.max_long_side, patch)
+    def cat(parts: list[ViewParams]) -> ViewParams:
+        if len({p.size for p in parts}) != 1:
+            raise ValueError("views of different sizes cannot be batched")
+        cols = [p.colour for p in parts]
+        colour = ColourParams(
+            *(
+                torch.cat([getattr(c, f) for c in cols])
+                for f in ("brightness", "contrast", "saturation", "hue", "grayscale")
+            )
+        )
+        return ViewParams(torch.cat([p.geometry for p in parts]), colour, parts[0].size)
+
+    @staticmethod
+    def draw(n: int, size: tuple[int, int], cfg: ViewConfig, gen: torch.Generator) -> ViewParams:
+        """``n`` views of output ``size`` (h, w) (see :func:`view_size`) for one example."""
         s = _uniform(n, cfg.min_cover, 1.0, gen)
         s[0] = 1.0
         cx = (1 - s) * _uniform(n, -1, 1, gen)
@@ -198,9 +233,10 @@ class ViewParams:
         geometry = crop_matrix(s, s, cx, cy)
         geometry = geometry @ flip_matrix(_bernoulli(n, cfg.flip_p, gen))
         affine_on = _bernoulli(n, cfg.affine_p, gen)
-        angle = torch.where(affine_on, _uniform(n, -cfg.degrees, cfg.degrees, gen), torch.zeros(n, dtype=torch.float64))
-        tx = torch.where(affine_on, _uniform(n, -cfg.translate, cfg.translate, gen), torch.zeros(n, dtype=torch.float64))
-        ty = torch.where(affine_on, _uniform(n, -cfg.translate, cfg.translate, gen), torch.zeros(n, dtype=torch.float64))
+        zeros = torch.zeros(n, dtype=torch.float64)
+        angle = torch.where(affine_on, _uniform(n, -cfg.degrees, cfg.degrees, gen), zeros)
+        tx = torch.where(affine_on, _uniform(n, -cfg.translate, cfg.translate, gen), zeros)
+        ty = torch.where(affine_on, _uniform(n, -cfg.translate, cfg.translate, gen), zeros)
         geometry = geometry @ affine_matrix(angle, tx, ty, *size)
         persp_on = _bernoulli(n, cfg.perspective_p, gen)
         shifts = torch.rand(n, 4, 2, generator=gen, dtype=torch.float64) * cfg.distortion
@@ -210,18 +246,24 @@ class ViewParams:
         return ViewParams(geometry, colour, size)
 
 
-def make_views(image: torch.Tensor, params: ViewParams, fill: float, min_cover: float) -> torch.Tensor:
-    """(1, 3, H, W) in [0, 1] -> (N, 3, h, w) augmented views in [0, 1] (CLIP normalises inside).
+def make_views(images: torch.Tensor, params: ViewParams, fill: float, min_cover: float) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B*n, 3, h, w) augmented views in [0, 1], where ``params`` holds
+    n views per example in example order (CLIP normalises inside).
 
-    The image is first downscaled once, antialiased, so that the smallest crop is resampled at
+    The images are first downscaled once, antialiased, so that the smallest crop is resampled at
     about 1:1 (bilinear warping alone would alias).
     """
+    b = images.shape[0]
+    if len(params) % b:
+        raise ValueError(f"{len(params)} views do not split evenly over {b} images")
     vh, vw = params.size
-    h, w = image.shape[-2:]
+    h, w = images.shape[-2:]
     base = (max(vh, round(vh / min_cover)), max(vw, round(vw / min_cover)))
     if base[0] < h or base[1] < w:
-        image = F.interpolate(image, size=base, mode="bilinear", antialias=True, align_corners=False)
-    views = warp(image, params.geometry, params.size, fill=fill)
+        images = F.interpolate(images, size=base, mode="bilinear", antialias=True, align_corners=False)
+    if b > 1:
+        images = images.repeat_interleave(len(params) // b, dim=0)
+    views = warp(images, params.geometry, params.size, fill=fill)
     return apply_colour(views, params.colour)
 
 
@@ -234,14 +276,25 @@ def resize_view(image: torch.Tensor, short: int, max_long: int, patch: int = 32)
 # ---------------------------------------------------------------------------------------------------
 # Internal dataset (training examples from the one input)
 # ---------------------------------------------------------------------------------------------------
-def draw_example(image: torch.Tensor, cfg: DataConfig, gen: torch.Generator, min_side: int) -> torch.Tensor:
+def _bucket(side: float, multiple: int, min_side: int) -> int:
+    """Round to the nearest multiple (fixed shapes for compiled graphs), at least ``min_side``."""
+    side = max(float(min_side), side)
+    if multiple <= 1:
+        return round(side)
+    return max(-(-min_side // multiple) * multiple, round(side / multiple) * multiple)
+
+
+def draw_example(
+    image: torch.Tensor, cfg: DataConfig, gen: torch.Generator, min_side: int, multiple: int = 1
+) -> torch.Tensor:
     """One augmented training example from ``image`` (1, 3, H, W): colour jitter, flip, random
-    scale, random crop covering ``crop_min_cover``..1 of each side. Sides stay >= ``min_side``."""
+    scale, random crop covering ``crop_min_cover``..1 of each side. Sides stay >= ``min_side`` and,
+    with ``multiple`` > 1, are rounded to a multiple of it (a few fixed shapes for the fast path)."""
     h, w = image.shape[-2:]
     scale = float(_uniform(1, cfg.scale_min, cfg.scale_max, gen))
     cover = _uniform(2, cfg.crop_min_cover, 1.0, gen)
-    out_h = max(min_side, round(h * scale * float(cover[0])))
-    out_w = max(min_side, round(w * scale * float(cover[1])))
+    out_h = _bucket(h * scale * float(cover[0]), multiple, min_side)
+    out_w = _bucket(w * scale * float(cover[1]), multiple, min_side)
     sy, sx = cover[0:1], cover[1:2]
     cy = (1 - sy) * _uniform(1, -1, 1, gen)
     cx = (1 - sx) * _uniform(1, -1, 1, gen)

@@ -11,12 +11,17 @@ import typer
 from .config import Config, load_yaml, parse_overrides, preset
 from .io import InputError, check_output_dir, save_png
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Text-driven layered image and video editing (Text2LIVE), fast.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Text-driven layered image and video editing (Text2LIVE), fast.",
+)
 log = logging.getLogger("t2l_fast")
 
-NOT_A_REAL_EDIT = ("NOTE: --clip test-tiny is a small random test model: the result is NOT a real edit "
-                   "(use it to check the installation only)")
+NOT_A_REAL_EDIT = (
+    "NOTE: --clip test-tiny is a small random test model: the result is NOT a real edit "
+    "(use it to check the installation only)"
+)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -27,8 +32,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="More logging.")) -> None:
     """Text-driven layered image and video editing (Text2LIVE), fast."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
     for noisy in ("root", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -38,8 +44,13 @@ def build_config(config: Path | None, overrides: list[str], **flags) -> Config:
     cfg = load_yaml(config) if config is not None else preset("image")
     parse_overrides(cfg, overrides)
     mapping = {
-        "prompt": "prompt", "screen_prompt": "screen_prompt", "roi_prompt": "roi_prompt", "seed": "seed",
-        "clip": "clip", "clip_weights": "clip_weights", "preview_every": "preview_every",
+        "prompt": "prompt",
+        "screen_prompt": "screen_prompt",
+        "roi_prompt": "roi_prompt",
+        "seed": "seed",
+        "clip": "clip",
+        "clip_weights": "clip_weights",
+        "preview_every": "preview_every",
     }
     for flag, key in mapping.items():
         if flags.get(flag) is not None:
@@ -56,14 +67,23 @@ def edit(
     image: Path = typer.Argument(..., help="The image to edit (PNG, JPEG, ...)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="The edited image, e.g. 'a golden cat'."),
     screen_prompt: str = typer.Option(None, help="The edit layer alone (default: the prompt)."),
-    roi_prompt: str = typer.Option(None, help="The region to edit in the source, e.g. 'cat'; enables the "
-                                               "directional loss and the relevancy bootstrap."),
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config (own or the reference's flat keys)."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a config key: --set loss.lambda_structure=3"),
+    roi_prompt: str = typer.Option(
+        None,
+        help="The region to edit in the source, e.g. 'cat'; enables the "
+        "directional loss and the relevancy bootstrap.",
+    ),
+    config: Path = typer.Option(
+        None, "--config", "-c", help="YAML config (own or the reference's flat keys)."
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a config key: --set loss.lambda_structure=3"
+    ),
     steps: int = typer.Option(None, help="Optimisation steps (default 1000)."),
     size: int = typer.Option(None, help="Resize the input so its short side is at most this (default 512)."),
     clip: str = typer.Option(None, help="CLIP model: ViT-B-32 (default) or test-tiny (random, for tests)."),
-    clip_weights: Path = typer.Option(None, help="Local CLIP weights: safetensors, state dict or OpenAI's ViT-B-32.pt."),
+    clip_weights: Path = typer.Option(
+        None, help="Local CLIP weights: safetensors, state dict or OpenAI's ViT-B-32.pt."
+    ),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     seed: int = typer.Option(None, help="Random seed (default 0; -1 draws one)."),
     preview_every: int = typer.Option(None, help="Write a preview into OUT/previews every N steps."),
@@ -77,9 +97,19 @@ def edit(
             raise InputError(f"--device {device!r} is not one of auto, cuda, cpu")
         if steps is not None and steps <= 0:
             raise InputError(f"--steps must be > 0 (got {steps})")
-        cfg = build_config(config, overrides, prompt=prompt, screen_prompt=screen_prompt, roi_prompt=roi_prompt,
-                           seed=seed, clip=clip, clip_weights=clip_weights, preview_every=preview_every,
-                           steps=steps, size=size)
+        cfg = build_config(
+            config,
+            overrides,
+            prompt=prompt,
+            screen_prompt=screen_prompt,
+            roi_prompt=roi_prompt,
+            seed=seed,
+            clip=clip,
+            clip_weights=clip_weights,
+            preview_every=preview_every,
+            steps=steps,
+            size=size,
+        )
         if cfg.clip_weights is not None and not Path(cfg.clip_weights).is_file():
             raise InputError(f"--clip-weights file not found: {cfg.clip_weights}")
         check_output_dir(out)

@@ -89,6 +89,19 @@ class OptimConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a run executes (not what it computes): see README, "Fast path"."""
+
+    mode: str = "auto"  # auto (fast on CUDA, reference on CPU) | fast | reference
+    precision: str = "auto"  # auto (bf16 in fast mode on CUDA, else fp32) | fp32 | bf16 | fp16
+    compile: str = "auto"  # auto (on in fast mode on CUDA) | on | off
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager" to debug)
+    cudagraphs: bool = False  # compile with mode="reduce-overhead" (fast mode on CUDA)
+    attention: str = "sdpa"  # sdpa | xformers (optional extra; falls back to sdpa when unusable)
+    bucket: int = 64  # fast mode: training-example sides rounded to a multiple of this (fixed shapes)
+
+
+@dataclass
 class Config:
     prompt: str = ""  # T: describes the whole edited image (comp_text)
     screen_prompt: str | None = None  # T_screen: the edit layer alone; defaults to prompt
@@ -103,6 +116,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # -- derived values -------------------------------------------------------------------------
     @property
@@ -142,9 +156,24 @@ class Config:
         if self.data.size < 0:
             raise InputError(f"data.size must be >= 0 (got {self.data.size})")
         if self.loss.text_criterion not in ("spherical", "cosine"):
-            raise InputError(f"loss.text_criterion must be spherical or cosine (got {self.loss.text_criterion!r})")
+            raise InputError(
+                f"loss.text_criterion must be spherical or cosine (got {self.loss.text_criterion!r})"
+            )
         if not 0 < self.data.crop_min_cover <= 1 or not 0 < self.views.min_cover <= 1:
             raise InputError("crop_min_cover and views.min_cover must be in (0, 1]")
+        choices = {
+            "mode": ("auto", "fast", "reference"),
+            "precision": ("auto", "fp32", "bf16", "fp16"),
+            "compile": ("auto", "on", "off"),
+            "attention": ("sdpa", "xformers"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self.runtime, key) not in allowed:
+                raise InputError(
+                    f"runtime.{key} must be one of {', '.join(allowed)} (got {getattr(self.runtime, key)!r})"
+                )
+        if self.runtime.bucket < 1:
+            raise InputError(f"runtime.bucket must be >= 1 (got {self.runtime.bucket})")
         if not 0 < self.data.scale_min <= self.data.scale_max:
             raise InputError("data.scale_min must be > 0 and <= data.scale_max")
         return self

@@ -79,7 +79,9 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
         raise InputError(f"{path} could not be decoded, it may be truncated ({exc})") from None
 
 
-def to_image_tensor(image: str | os.PathLike | Image.Image | torch.Tensor | np.ndarray) -> tuple[torch.Tensor, list[str]]:
+def to_image_tensor(
+    image: str | os.PathLike | Image.Image | torch.Tensor | np.ndarray,
+) -> tuple[torch.Tensor, list[str]]:
     """Accept a path, a PIL image, a (3, H, W)/(1, 3, H, W) tensor or an (H, W, 3) array."""
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
@@ -112,12 +114,15 @@ def fit_size(image: torch.Tensor, size: int, min_side: int) -> torch.Tensor:
     if size and min(h, w) > size:
         scale = size / min(h, w)
         new = (max(size, round(h * scale)), max(size, round(w * scale)))
-        image = torch.nn.functional.interpolate(image[None], size=new, mode="bicubic", antialias=True,
-                                                align_corners=False)[0].clamp(0, 1)
+        image = torch.nn.functional.interpolate(
+            image[None], size=new, mode="bicubic", antialias=True, align_corners=False
+        )[0].clamp(0, 1)
         h, w = new
     if min(h, w) < min_side:
-        raise InputError(f"the image is {w}x{h} px; the generator needs at least {min_side} px on each side: "
-                         "use a larger image")
+        raise InputError(
+            f"the image is {w}x{h} px; the generator needs at least {min_side} px on each side: "
+            "use a larger image"
+        )
     return image
 
 

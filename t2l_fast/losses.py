@@ -14,15 +14,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .augment import ViewParams, make_views, resize_view
+from .augment import ViewParams, make_views, resize_view, view_size
 from .config import Config
-from .kernels import CompositeOut, composite_rgba, self_similarity, self_similarity_mse
+from .kernels import composite_rgba, self_similarity, self_similarity_mse
 from .models.clip import Clip
 
 TEMPLATES = (
-    "photo of {}.", "high quality photo of {}.", "a photo of {}.", "the photo of {}.", "image of {}.",
-    "an image of {}.", "high quality image of {}.", "a high quality image of {}.", "the {}.", "a {}.",
-    "{}.", "{}", "{}!", "{}...",
+    "photo of {}.",
+    "high quality photo of {}.",
+    "a photo of {}.",
+    "the photo of {}.",
+    "image of {}.",
+    "an image of {}.",
+    "high quality image of {}.",
+    "a high quality image of {}.",
+    "the {}.",
+    "a {}.",
+    "{}.",
+    "{}",
+    "{}!",
+    "{}...",
 )
 SCREEN_TEMPLATES = ("{} over a green screen.", "{} in front of a green screen.")
 RELEVANCY_SIZE = 224
@@ -85,78 +96,238 @@ class Texts:
         return Texts(comp, screen, src, bootstrap)
 
 
-class Objective:
-    """Computes every loss term for (source, generator RGBA) pairs.
+@dataclass
+class Layers:
+    """What the losses see for B examples of one size: the source and the rendered edit.
 
-    Each call takes one example at a time (the reference's per-view, per-example order): the
-    fast path of a later issue batches the same computations.
+    source, composite, greenscreen (B, 3, H, W); alpha (B, 1, H, W); alpha_l1, alpha_l0 (B,) the
+    per-example means of α and of 2σ(5α) - 1.
     """
 
-    def __init__(self, clip: Clip, cfg: Config, texts: Texts | None = None):
+    source: torch.Tensor
+    composite: torch.Tensor
+    greenscreen: torch.Tensor
+    alpha: torch.Tensor
+    alpha_l1: torch.Tensor
+    alpha_l0: torch.Tensor
+
+    @staticmethod
+    def from_rgba(rgba: torch.Tensor, source: torch.Tensor) -> Layers:
+        """Generator RGBA (B, 4, H, W) over ``source``, through the fused compositing op."""
+        out = composite_rgba(rgba, source)
+        return Layers(source, out.composite, out.greenscreen, rgba[:, 3:], out.alpha_l1, out.alpha_l0)
+
+    def __len__(self) -> int:
+        return self.source.shape[0]
+
+    def __getitem__(self, i: int) -> Layers:
+        return Layers(
+            *(
+                t[i : i + 1]
+                for t in (
+                    self.source,
+                    self.composite,
+                    self.greenscreen,
+                    self.alpha,
+                    self.alpha_l1,
+                    self.alpha_l0,
+                )
+            )
+        )
+
+
+class Objective:
+    """Computes every loss term for a batch of examples (:class:`Layers`).
+
+    ``batched=True`` (the fast path) feeds all the views of a step to CLIP together and reuses
+    source-side results for a repeated ``cache_key``; ``batched=False`` (the reference mode) does
+    the same computations one example and one loss at a time, as the original code does. Both draw
+    the same random numbers in the same order, so they compute the same values.
+
+    ``view_size``: fixed (h, w) of the augmented views (fast path: fixed shapes); None derives it
+    from each example's aspect ratio. ``encode_image`` / ``encode_tokens`` may be compiled
+    versions of the CLIP methods.
+    """
+
+    def __init__(
+        self,
+        clip: Clip,
+        cfg: Config,
+        texts: Texts | None = None,
+        *,
+        batched: bool = False,
+        view_size: tuple[int, int] | None = None,
+        structure_size: tuple[int, int] | None = None,
+        encode_image=None,
+        encode_tokens=None,
+    ):
         self.clip = clip
         self.cfg = cfg
         self.texts = texts or Texts.encode(clip, cfg)
         self.bootstrap_steps = cfg.effective_bootstrap_steps if self.texts.bootstrap is not None else 0
         self.distance = spherical_distance if cfg.loss.text_criterion == "spherical" else cosine_distance
+        self.batched = batched
+        self.view_size = view_size
+        self.structure_size = structure_size
+        self.encode_image = encode_image or clip.encode_image
+        self.encode_tokens = encode_tokens or clip.encode_tokens
+        self._cache: dict[tuple, torch.Tensor] = {}
 
+    # -- helpers ----------------------------------------------------------------------------------
     def _pick(self, n_total: int, gen: torch.Generator) -> torch.Tensor:
         """A random subset of template indices (random size, drawn with replacement)."""
         k = int(torch.randint(1, n_total + 1, (1,), generator=gen))
         return torch.randint(n_total, (k,), generator=gen)
 
+    def _views(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        return make_views(images, params, self.cfg.views.fill, self.cfg.views.min_cover)
+
+    def _structure_view(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.cfg.views
+        if self.structure_size is None:
+            return resize_view(images, v.short_side, v.structure_max_long_side, self.clip.patch)
+        return F.interpolate(
+            images, size=self.structure_size, mode="bilinear", antialias=True, align_corners=False
+        )
+
+    def _cached(self, key: tuple | None, compute):
+        if key is None:
+            return compute()
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     def relevancy(self, source: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) -> (1, 224, 224) relevancy map of the bootstrap prompt."""
-        square = F.interpolate(source, size=(RELEVANCY_SIZE, RELEVANCY_SIZE), mode="bilinear",
-                               antialias=True, align_corners=False)
+        """(B, 3, H, W) -> (B, 224, 224) relevancy maps of the bootstrap prompt."""
+        square = F.interpolate(
+            source,
+            size=(RELEVANCY_SIZE, RELEVANCY_SIZE),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         return self.clip.relevancy(square, self.texts.bootstrap, self.cfg.loss.relevancy_num_layers)
 
-    def __call__(self, source: torch.Tensor, rgba: torch.Tensor, step: int, gen: torch.Generator,
-                 composite: CompositeOut | None = None) -> dict[str, torch.Tensor]:
-        """source (1, 3, H, W), rgba (1, 4, H, W) -> {term name: scalar}; "loss" is the total."""
-        cfg, lc, texts = self.cfg, self.cfg.loss, self.texts
-        comp = composite or composite_rgba(rgba, source)
-        terms: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=rgba.device)
+    def structure_target(self, source: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self_similarity(self.encode_tokens(self._structure_view(source)))
 
-        if lc.lambda_composition > 0 or lc.lambda_screen > 0:
-            hw = tuple(source.shape[-2:])
-            n = cfg.views.n_aug
-            paired = ViewParams.draw(n, hw, cfg.views, gen, self.clip.patch)
-            screen = ViewParams.draw(n, hw, cfg.views, gen, self.clip.patch)
-        if lc.lambda_composition > 0:
-            out_e = self.clip.encode_image(make_views(comp.composite, paired, cfg.views.fill, cfg.views.min_cover))
-            idx = self._pick(len(texts.comp), gen).to(out_e.device)
-            terms["comp_clip"] = self.distance(out_e, texts.comp[idx]).mean()
+    # -- the objective ----------------------------------------------------------------------------
+    def __call__(
+        self, layers: Layers, step: int, gen: torch.Generator, cache_key: tuple | None = None
+    ) -> dict[str, torch.Tensor]:
+        """-> {term: scalar}; "loss" is the weighted total. Terms are means over the examples."""
+        cfg, lc, texts = self.cfg, self.cfg.loss, self.texts
+        b = len(layers)
+        n = cfg.views.n_aug
+        size = self.view_size or view_size(
+            *layers.source.shape[-2:], cfg.views.short_side, cfg.views.max_long_side, self.clip.patch
+        )
+        use_views = lc.lambda_composition > 0 or lc.lambda_screen > 0
+        paired = screen = None
+        if use_views:
+            draws = [
+                (ViewParams.draw(n, size, cfg.views, gen), ViewParams.draw(n, size, cfg.views, gen))
+                for _ in range(b)
+            ]
+            paired = ViewParams.cat([d[0] for d in draws])
+            screen = ViewParams.cat([d[1] for d in draws])
+        comp_idx = self._pick(len(texts.comp), gen) if lc.lambda_composition > 0 else None
+        dir_idx = (
+            self._pick(len(texts.src), gen) if lc.lambda_composition > 0 and texts.src is not None else None
+        )
+        screen_idx = self._pick(len(texts.screen), gen) if lc.lambda_screen > 0 else None
+        weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap)
+
+        if self.batched:
+            emb = self._embeddings(layers, paired, screen, cache_key)
+            boot_target = (
+                self._cached(("relevancy", cache_key), lambda: self.relevancy(layers.source))
+                if weight > 0
+                else None
+            )
+            struct_target = (
+                self._cached(("structure", cache_key), lambda: self.structure_target(layers.source))
+                if lc.lambda_structure > 0
+                else None
+            )
+            return self._terms(layers, emb, comp_idx, dir_idx, screen_idx, weight, boot_target, struct_target)
+        # reference mode: one example, one loss, one CLIP call at a time
+        per_example = []
+        for i in range(b):
+            one = layers[i]
+            sl = slice(i * n, (i + 1) * n)
+            emb = self._embeddings(
+                one, paired[sl] if paired else None, screen[sl] if screen else None, None, separate=True
+            )
+            boot_target = self.relevancy(one.source) if weight > 0 else None
+            struct_target = self.structure_target(one.source) if lc.lambda_structure > 0 else None
+            per_example.append(
+                self._terms(one, emb, comp_idx, dir_idx, screen_idx, weight, boot_target, struct_target)
+            )
+        return {k: sum(t[k] for t in per_example) / b for k in per_example[0]}
+
+    def _embeddings(self, layers: Layers, paired, screen, cache_key, separate: bool = False) -> dict:
+        """CLIP embeddings of the output, source and screen views (None where a loss is off)."""
+        lc = self.cfg.loss
+        out_e = src_e = scr_e = None
+        want_out, want_scr = lc.lambda_composition > 0, lc.lambda_screen > 0
+        if want_out and want_scr and not separate:
+            both = self.encode_image(
+                torch.cat([self._views(layers.composite, paired), self._views(layers.greenscreen, screen)])
+            )
+            out_e, scr_e = both[: len(paired)], both[len(paired) :]
+        else:
+            if want_out:
+                out_e = self.encode_image(self._views(layers.composite, paired))
+            if want_scr:
+                scr_e = self.encode_image(self._views(layers.greenscreen, screen))
+        if want_out and self.texts.src is not None:
+            with torch.no_grad():
+                src_e = self.encode_image(self._views(layers.source, paired))
+        return {"out": out_e, "src": src_e, "screen": scr_e}
+
+    def _terms(
+        self,
+        layers: Layers,
+        emb: dict,
+        comp_idx,
+        dir_idx,
+        screen_idx,
+        weight: float,
+        boot_target,
+        struct_target,
+    ) -> dict[str, torch.Tensor]:
+        lc, texts = self.cfg.loss, self.texts
+        terms: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=layers.source.device)
+        if emb["out"] is not None:
+            dev = emb["out"].device
+            terms["comp_clip"] = self.distance(emb["out"], texts.comp[comp_idx.to(dev)]).mean()
             comp_total = terms["comp_clip"]
-            if texts.src is not None:
-                with torch.no_grad():
-                    src_views = make_views(source, paired, cfg.views.fill, cfg.views.min_cover)
-                    src_e = self.clip.encode_image(src_views)
-                idx = self._pick(len(texts.src), gen).to(out_e.device)
-                dirs = texts.comp[idx] - texts.src[idx]
-                terms["comp_dir"] = directional_loss(out_e, src_e, dirs)
+            if emb["src"] is not None:
+                idx = dir_idx.to(dev)
+                terms["comp_dir"] = directional_loss(emb["out"], emb["src"], texts.comp[idx] - texts.src[idx])
                 comp_total = comp_total + terms["comp_dir"]
             total = total + lc.lambda_composition * comp_total
-        if lc.lambda_screen > 0:
-            scr_e = self.clip.encode_image(make_views(comp.greenscreen, screen, cfg.views.fill, cfg.views.min_cover))
-            idx = self._pick(len(texts.screen), gen).to(scr_e.device)
-            terms["screen"] = self.distance(scr_e, texts.screen[idx]).mean()
+        if emb["screen"] is not None:
+            dev = emb["screen"].device
+            terms["screen"] = self.distance(emb["screen"], texts.screen[screen_idx.to(dev)]).mean()
             total = total + lc.lambda_screen * terms["screen"]
-        if lc.lambda_structure > 0:
-            short, long = cfg.views.short_side, cfg.views.structure_max_long_side
-            with torch.no_grad():
-                target = self_similarity(self.clip.encode_tokens(resize_view(source, short, long, self.clip.patch)))
-            tokens = self.clip.encode_tokens(resize_view(comp.composite, short, long, self.clip.patch))
-            terms["structure"] = self_similarity_mse(tokens, target)
+        if struct_target is not None:
+            tokens = self.encode_tokens(self._structure_view(layers.composite))
+            terms["structure"] = self_similarity_mse(tokens, struct_target)
             total = total + lc.lambda_structure * terms["structure"]
         if lc.lambda_sparsity > 0:
-            terms["sparsity"] = sparsity_loss(comp.alpha_l1, comp.alpha_l0, lc.lambda_alpha_l1, lc.lambda_alpha_l0)
+            terms["sparsity"] = sparsity_loss(
+                layers.alpha_l1, layers.alpha_l0, lc.lambda_alpha_l1, lc.lambda_alpha_l0
+            )
             total = total + lc.lambda_sparsity * terms["sparsity"]
-        weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap)
-        if weight > 0:
-            target = self.relevancy(source)  # (1, 224, 224)
-            alpha = F.interpolate(rgba[:, 3:], size=target.shape[-2:], mode="bilinear", align_corners=False)
-            terms["bootstrap"] = F.mse_loss(alpha[:, 0].float(), target)
+        if boot_target is not None:
+            alpha = F.interpolate(
+                layers.alpha.float(), size=boot_target.shape[-2:], mode="bilinear", align_corners=False
+            )
+            terms["bootstrap"] = F.mse_loss(alpha[:, 0], boot_target)
             total = total + weight * terms["bootstrap"]
         terms["loss"] = total
         return terms

@@ -38,12 +38,15 @@ def _smooth(h: int, w: int) -> torch.Tensor:
 
 def _identity_colour(n: int, grayscale: bool = False) -> ColourParams:
     one = torch.ones(n, dtype=torch.float64)
-    return ColourParams(one, one.clone(), one.clone(), torch.zeros(n, dtype=torch.float64),
-                        torch.full((n,), grayscale))
+    return ColourParams(
+        one, one.clone(), one.clone(), torch.zeros(n, dtype=torch.float64), torch.full((n,), grayscale)
+    )
 
 
 def _no_aug_config(**kw) -> ViewConfig:
-    cfg = ViewConfig(min_cover=1.0, flip_p=0.0, affine_p=0.0, perspective_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    cfg = ViewConfig(
+        min_cover=1.0, flip_p=0.0, affine_p=0.0, perspective_p=0.0, jitter_p=0.0, grayscale_p=0.0
+    )
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -104,14 +107,25 @@ def test_homography_affine_hand_values():
 
 
 def test_homography_projective_recovers_known_matrix():
-    h0 = torch.tensor([[[1.2, 0.1, -0.3], [-0.2, 0.9, 0.25], [0.15, -0.1, 1.0]],
-                       [[0.8, -0.3, 0.1], [0.2, 1.1, 0.0], [-0.05, 0.2, 1.0]]], dtype=torch.float64)
-    src = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64).expand(2, 4, 2)
+    h0 = torch.tensor(
+        [
+            [[1.2, 0.1, -0.3], [-0.2, 0.9, 0.25], [0.15, -0.1, 1.0]],
+            [[0.8, -0.3, 0.1], [0.2, 1.1, 0.0], [-0.05, 0.2, 1.0]],
+        ],
+        dtype=torch.float64,
+    )
+    src = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+    src = src.expand(2, 4, 2)
     # hand projection: (x', y') = (h00 x + h01 y + h02, h10 x + h11 y + h12) / (h20 x + h21 y + 1)
     x, y = src[..., 0], src[..., 1]
     den = h0[:, 2:3, 0] * x + h0[:, 2:3, 1] * y + 1
-    dst = torch.stack([(h0[:, 0:1, 0] * x + h0[:, 0:1, 1] * y + h0[:, 0:1, 2]) / den,
-                       (h0[:, 1:2, 0] * x + h0[:, 1:2, 1] * y + h0[:, 1:2, 2]) / den], -1)
+    dst = torch.stack(
+        [
+            (h0[:, 0:1, 0] * x + h0[:, 0:1, 1] * y + h0[:, 0:1, 2]) / den,
+            (h0[:, 1:2, 0] * x + h0[:, 1:2, 1] * y + h0[:, 1:2, 2]) / den,
+        ],
+        -1,
+    )
     h = homography_from_points(src, dst)
     torch.testing.assert_close(h, h0, rtol=0, atol=1e-10)
     torch.testing.assert_close(_apply(h, src), dst, rtol=0, atol=1e-10)
@@ -124,14 +138,23 @@ def test_perspective_matrix_moves_corners():
     # moved inwards by hand: (-1 + 0.1, -1 + 0.2), (1 - 0.3, -1), (1 - 0.05, 1 - 0.05), (-1, 1 - 0.4)
     moved = torch.tensor([[-0.9, -0.8], [0.7, -1.0], [0.95, 0.95], [-1.0, 0.6]], dtype=torch.float64)
     torch.testing.assert_close(_apply(m, moved[None])[0], corners, rtol=0, atol=1e-10)
-    torch.testing.assert_close(perspective_matrix(torch.zeros(1, 4, 2, dtype=torch.float64))[0],
-                               torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        perspective_matrix(torch.zeros(1, 4, 2, dtype=torch.float64))[0],
+        torch.eye(3, dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_affine_matrix_rotation_is_rigid_in_pixels():
     h, w = 100, 200
-    m = affine_matrix(torch.tensor([90.0], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
-                      torch.zeros(1, dtype=torch.float64), h, w)
+    m = affine_matrix(
+        torch.tensor([90.0], dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+        h,
+        w,
+    )
     # a point 10 px right of the centre maps 10 px below it (x -> y by a quarter turn), in pixels
     p = torch.tensor([[[10 / (w / 2), 0.0]]], dtype=torch.float64)
     q = _apply(m, p)[0, 0]
@@ -170,7 +193,8 @@ def test_offset_crop_is_a_shifted_region():
     img = _smooth(64, 64)
     s = torch.tensor([0.25], dtype=torch.float64)
     # centre (+0.5, -0.25) in normalised coordinates = pixel (48, 24); half-extent 8 px
-    m = crop_matrix(s, s, torch.tensor([0.5], dtype=torch.float64), torch.tensor([-0.25], dtype=torch.float64))
+    cx, cy = torch.tensor([0.5], dtype=torch.float64), torch.tensor([-0.25], dtype=torch.float64)
+    m = crop_matrix(s, s, cx, cy)
     out = warp(img, m, (16, 16), fill=None)
     torch.testing.assert_close(out, img[..., 16:32, 40:56], rtol=0, atol=1e-5)
 
@@ -178,8 +202,13 @@ def test_offset_crop_is_a_shifted_region():
 def test_rotation_fills_corners():
     h, w = 64, 64
     zero = torch.zeros(1, 3, h, w)
-    m = affine_matrix(torch.tensor([15.0], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
-                      torch.zeros(1, dtype=torch.float64), h, w)
+    m = affine_matrix(
+        torch.tensor([15.0], dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+        h,
+        w,
+    )
     out = warp(zero, m, (h, w), fill=1.0)
     for corner in (out[..., 0, 0], out[..., 0, -1], out[..., -1, 0], out[..., -1, -1]):
         torch.testing.assert_close(corner, torch.ones_like(corner), rtol=0, atol=1e-6)
@@ -190,8 +219,8 @@ def test_rotation_fills_corners():
 
 def test_make_views_fill_value_outside():
     img = torch.zeros(1, 3, 224, 224)
-    geometry = affine_matrix(torch.tensor([15.0, -15.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
-                             torch.zeros(2, dtype=torch.float64), 224, 224)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    geometry = affine_matrix(torch.tensor([15.0, -15.0], dtype=torch.float64), zeros, zeros, 224, 224)
     params = ViewParams(geometry, _identity_colour(2), (224, 224))
     views = make_views(img, params, fill=1.0, min_cover=1.0)
     assert views.shape == (2, 3, 224, 224)
@@ -259,7 +288,8 @@ def test_apply_colour_hue_keeps_luma_and_full_turn_is_identity():
 def test_make_views_without_augmentation_is_the_resized_image():
     cfg = _no_aug_config()
     img = _smooth(300, 420)
-    params = ViewParams.draw(4, (300, 420), cfg, torch.Generator().manual_seed(0))
+    size = view_size(300, 420, 224, cfg.max_long_side)
+    params = ViewParams.draw(4, size, cfg, torch.Generator().manual_seed(0))
     assert params.size == (224, 288)
     views = make_views(img, params, fill=cfg.fill, min_cover=cfg.min_cover)
     ref = F.interpolate(img, size=(224, 288), mode="bilinear", antialias=True, align_corners=False)
@@ -271,7 +301,8 @@ def test_make_views_without_augmentation_is_the_resized_image():
 def test_make_views_without_augmentation_at_view_size_is_the_image():
     cfg = _no_aug_config()
     img = _smooth(224, 320)
-    params = ViewParams.draw(3, (224, 320), cfg, torch.Generator().manual_seed(1))
+    size = view_size(224, 320, 224, cfg.max_long_side)
+    params = ViewParams.draw(3, size, cfg, torch.Generator().manual_seed(1))
     views = make_views(img, params, fill=cfg.fill, min_cover=cfg.min_cover)
     torch.testing.assert_close(views, img.expand(3, -1, -1, -1), rtol=0, atol=1e-5)
 
@@ -280,7 +311,7 @@ def test_view_zero_is_the_whole_image():
     """Even with crops on, view 0 covers the whole image (flip etc. off)."""
     cfg = _no_aug_config(min_cover=0.6)
     img = _smooth(224, 224)
-    params = ViewParams.draw(5, (224, 224), cfg, torch.Generator().manual_seed(2))
+    params = ViewParams.draw(5, view_size(224, 224), cfg, torch.Generator().manual_seed(2))
     views = make_views(img, params, fill=cfg.fill, min_cover=1.0)
     torch.testing.assert_close(views[0], img[0], rtol=0, atol=1e-5)
     assert (views[1:] - img).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # the others are crops
@@ -289,7 +320,8 @@ def test_view_zero_is_the_whole_image():
 def test_make_views_full_augmentation_shapes_and_range():
     cfg = ViewConfig(affine_p=1.0, perspective_p=1.0, jitter_p=1.0, grayscale_p=0.5, flip_p=0.5)
     img = _smooth(200, 350)
-    params = ViewParams.draw(8, (200, 350), cfg, torch.Generator().manual_seed(3))
+    size = view_size(200, 350, 224, cfg.max_long_side)
+    params = ViewParams.draw(8, size, cfg, torch.Generator().manual_seed(3))
     assert len(params) == 8 and params.geometry.shape == (8, 3, 3)
     views = make_views(img, params, fill=cfg.fill, min_cover=cfg.min_cover)
     assert views.shape == (8, 3, 224, 320)  # 350 * 224 / 200 = 392 -> capped at 320
@@ -302,16 +334,35 @@ def test_make_views_full_augmentation_shapes_and_range():
 
 def test_make_views_gradient_flows():
     img = _smooth(160, 160).requires_grad_(True)
-    params = ViewParams.draw(3, (160, 160), ViewConfig(), torch.Generator().manual_seed(4))
+    params = ViewParams.draw(3, (224, 224), ViewConfig(), torch.Generator().manual_seed(4))
     make_views(img, params, fill=1.0, min_cover=0.6).sum().backward()
     assert img.grad is not None and img.grad.abs().sum() > 0
 
 
+def test_make_views_batched_equals_per_image():
+    cfg = ViewConfig()
+    imgs = torch.cat([_smooth(240, 260), 1 - _smooth(240, 260)])
+    size = view_size(240, 260)
+    p0 = ViewParams.draw(3, size, cfg, torch.Generator().manual_seed(10))
+    p1 = ViewParams.draw(3, size, cfg, torch.Generator().manual_seed(11))
+    both = ViewParams.cat([p0, p1])
+    assert len(both) == 6
+    torch.testing.assert_close(both[3:].geometry, p1.geometry, rtol=0, atol=0)
+    torch.testing.assert_close(both[:3].colour.hue, p0.colour.hue, rtol=0, atol=0)
+    views = make_views(imgs, both, cfg.fill, cfg.min_cover)
+    assert views.shape == (6, 3, *size)
+    for i, p in enumerate((p0, p1)):
+        alone = make_views(imgs[i : i + 1], p, cfg.fill, cfg.min_cover)
+        torch.testing.assert_close(views[3 * i : 3 * i + 3], alone, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError):
+        make_views(imgs, p0, cfg.fill, cfg.min_cover)  # 3 views do not split over 2 images
+
+
 def test_view_params_seeded():
     cfg = ViewConfig()
-    a = ViewParams.draw(6, (256, 300), cfg, torch.Generator().manual_seed(7))
-    b = ViewParams.draw(6, (256, 300), cfg, torch.Generator().manual_seed(7))
-    c = ViewParams.draw(6, (256, 300), cfg, torch.Generator().manual_seed(8))
+    a = ViewParams.draw(6, (224, 256), cfg, torch.Generator().manual_seed(7))
+    b = ViewParams.draw(6, (224, 256), cfg, torch.Generator().manual_seed(7))
+    c = ViewParams.draw(6, (224, 256), cfg, torch.Generator().manual_seed(8))
     assert torch.equal(a.geometry, b.geometry) and a.size == b.size
     for name in ("brightness", "contrast", "saturation", "hue", "grayscale"):
         assert torch.equal(getattr(a.colour, name), getattr(b.colour, name))
@@ -345,7 +396,8 @@ def test_draw_example_sizes_and_range():
         assert ex.shape[:2] == (1, 3)
         for side, out in ((h, eh), (w, ew)):
             assert out >= 129
-            assert math.floor(cfg.scale_min * cfg.crop_min_cover * side) <= out <= math.ceil(cfg.scale_max * side)
+            lo, hi = math.floor(cfg.scale_min * cfg.crop_min_cover * side), math.ceil(cfg.scale_max * side)
+            assert lo <= out <= hi
         assert ex.min() >= 0 and ex.max() <= 1 and torch.isfinite(ex).all()
     assert len(sizes) > 10  # sizes really vary
 
@@ -356,6 +408,17 @@ def test_draw_example_min_side_enforced():
     for _ in range(10):
         ex = draw_example(img, DataConfig(), gen, min_side=129)
         assert min(ex.shape[-2:]) >= 129
+
+
+def test_draw_example_bucketed_sizes():
+    img = _smooth(200, 300)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        ex = draw_example(img, DataConfig(), gen, min_side=129, multiple=32)
+        eh, ew = ex.shape[-2:]
+        assert eh % 32 == 0 and ew % 32 == 0 and min(eh, ew) >= 129
+        # nearest multiple of 32 of the unbucketed bounds
+        assert 160 - 16 <= eh <= 240 + 16 and 32 * round(0.8 * 0.85 * 300 / 32) <= ew <= 360 + 16
 
 
 def test_draw_example_without_augmentation_is_the_image():

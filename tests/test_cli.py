@@ -13,8 +13,18 @@ from t2l_fast.losses import Objective
 from t2l_fast.pipeline import image as image_pipeline
 
 runner = CliRunner()
-FAST = ["--clip", "test-tiny", "--set", "generator.channels_down=8", "--set", "generator.channels_up=8",
-        "--set", "views.n_aug=2", "--device", "cpu"]
+FAST = [
+    "--clip",
+    "test-tiny",
+    "--set",
+    "generator.channels_down=8",
+    "--set",
+    "generator.channels_up=8",
+    "--set",
+    "views.n_aug=2",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture

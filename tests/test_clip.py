@@ -93,7 +93,9 @@ def test_relevancy_matches_a_manual_rollout_of_the_last_block(tiny_clip):
     heads, d = last.attn.num_heads, h.shape[-1]
     with torch.enable_grad():
         probs = probs.detach().requires_grad_(True)  # a leaf: its gradient is what the rollout weighs
-        v_proj = torch.nn.functional.linear(ln, last.attn.in_proj_weight[2 * d :], last.attn.in_proj_bias[2 * d :])
+        v_proj = torch.nn.functional.linear(
+            ln, last.attn.in_proj_weight[2 * d :], last.attn.in_proj_bias[2 * d :]
+        )
         v_heads = v_proj.view(1, -1, heads, d // heads).transpose(1, 2)
         out = last.attn.out_proj((probs @ v_heads).transpose(1, 2).reshape(1, -1, d))
         y = h + last.ls_1(out)
@@ -104,12 +106,14 @@ def test_relevancy_matches_a_manual_rollout_of_the_last_block(tiny_clip):
     row = cam[0, 1:].reshape(1, 1, 7, 7)
     up = torch.nn.functional.interpolate(row, size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
     expected = (up - up.min()) / (up.max() - up.min())
-    torch.testing.assert_close(tiny_clip.relevancy(x, text, start_layer=10)[0], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        tiny_clip.relevancy(x, text, start_layer=10)[0], expected, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_test_tiny_is_deterministic():
     a, b = build_test_tiny(), build_test_tiny()
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
 
 

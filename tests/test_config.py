@@ -104,10 +104,15 @@ def test_image_preset_matches_design_defaults():
     assert cfg.optim.min_lr == 1e-5
     assert cfg.optim.momentum == 0.9
     assert cfg.optim.weight_decay == 0.01
-    assert (cfg.generator.scales, cfg.generator.channels_down, cfg.generator.channels_up,
-            cfg.generator.channels_skip) == (7, 128, 128, 4)
+    assert (
+        cfg.generator.scales,
+        cfg.generator.channels_down,
+        cfg.generator.channels_up,
+        cfg.generator.channels_skip,
+    ) == (7, 128, 128, 4)
     assert cfg.data.size == 512 and cfg.data.source_every == 75 and cfg.data.crop_min_cover == 0.85
-    assert (cfg.data.flip_p, cfg.data.jitter_p, cfg.data.scale_min, cfg.data.scale_max) == (0.5, 0.1, 0.8, 1.2)
+    assert (cfg.data.flip_p, cfg.data.jitter_p) == (0.5, 0.1)
+    assert (cfg.data.scale_min, cfg.data.scale_max) == (0.8, 1.2)
     assert cfg.views.short_side == 224 and cfg.views.max_long_side == 320
     assert cfg.views.structure_max_long_side == 380
     assert cfg.views.min_cover == 0.6
@@ -285,10 +290,19 @@ def test_scientific_notation_in_file(tmp_path):
 
 # -- --set overrides ----------------------------------------------------------------------------------
 def test_overrides_apply_with_types():
-    cfg = parse_overrides(preset("image"), [
-        "loss.lambda_structure=3", "views.n_aug=4", "prompt=a red car", "optim.lr=1e-3",
-        "roi_prompt=car", "n_epochs=20", "loss.bootstrap_steps=none", "views.n_aug=5.0",
-    ])
+    cfg = parse_overrides(
+        preset("image"),
+        [
+            "loss.lambda_structure=3",
+            "views.n_aug=4",
+            "prompt=a red car",
+            "optim.lr=1e-3",
+            "roi_prompt=car",
+            "n_epochs=20",
+            "loss.bootstrap_steps=none",
+            "views.n_aug=5.0",
+        ],
+    )
     assert cfg.loss.lambda_structure == 3.0 and isinstance(cfg.loss.lambda_structure, float)
     assert cfg.views.n_aug == 5 and isinstance(cfg.views.n_aug, int)
     assert cfg.prompt == "a red car"
@@ -378,8 +392,14 @@ def test_validate_steps(steps):
 
 @pytest.mark.parametrize(
     "section, name, value",
-    [("views", "n_aug", 0), ("data", "size", -1), ("loss", "text_criterion", "l2"),
-     ("data", "crop_min_cover", 0.0), ("views", "min_cover", 1.5), ("data", "scale_min", 2.0)],
+    [
+        ("views", "n_aug", 0),
+        ("data", "size", -1),
+        ("loss", "text_criterion", "l2"),
+        ("data", "crop_min_cover", 0.0),
+        ("views", "min_cover", 1.5),
+        ("data", "scale_min", 2.0),
+    ],
 )
 def test_validate_other_bad_values(section, name, value):
     cfg = _valid()

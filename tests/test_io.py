@@ -9,7 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from t2l_fast.io import InputError, atomic_path, check_output_dir, fit_size, read_image, save_png, to_image_tensor
+from t2l_fast.io import (
+    InputError,
+    atomic_path,
+    check_output_dir,
+    fit_size,
+    read_image,
+    save_png,
+    to_image_tensor,
+)
 
 
 def _rgb_array(h: int = 12, w: int = 20, seed: int = 0) -> np.ndarray:

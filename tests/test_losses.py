@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from t2l_fast.kernels import composite_rgba, self_similarity_mse
 
 from t2l_fast.config import preset
-from t2l_fast.kernels import composite_rgba, self_similarity_mse
 from t2l_fast.losses import (
     SCREEN_TEMPLATES,
     TEMPLATES,
+    Layers,
     Objective,
     Texts,
     bootstrap_weight,
@@ -51,7 +52,9 @@ def test_directional_loss_hand_value():
     dirs = torch.tensor([[1.0, 0.0]])
     # 1 - cos((1,0),(1,0)) = 0 ; 1 - cos((0,1),(1,0)) = 1 -> mean 0.5
     assert float(directional_loss(out_e, src_e, dirs)) == pytest.approx(0.5)
-    assert float(cosine_distance(torch.tensor([[1.0, 1.0]]), torch.tensor([[-2.0, -2.0]]))) == pytest.approx(2.0)
+    assert float(cosine_distance(torch.tensor([[1.0, 1.0]]), torch.tensor([[-2.0, -2.0]]))) == pytest.approx(
+        2.0
+    )
 
 
 def test_self_similarity_mse_against_loops():
@@ -76,7 +79,9 @@ def test_sparsity_terms_against_numpy():
     a = rgba[:, 3].numpy()
     l1 = a.mean()
     l0 = (2 / (1 + np.exp(-5 * a)) - 1).mean()
-    assert float(sparsity_loss(out.alpha_l1, out.alpha_l0, 0.01, 0.02)) == pytest.approx(0.01 * l1 + 0.02 * l0, rel=1e-5)
+    assert float(sparsity_loss(out.alpha_l1, out.alpha_l0, 0.01, 0.02)) == pytest.approx(
+        0.01 * l1 + 0.02 * l0, rel=1e-5
+    )
     alpha = rgba[:, 3:]
     torch.testing.assert_close(out.composite, alpha * rgba[:, :3] + (1 - alpha) * background)
     green = torch.tensor([0.0, 177 / 255, 64 / 255]).view(1, 3, 1, 1)
@@ -95,7 +100,10 @@ def test_text_templates():
     assert len(TEMPLATES) == 14 and len(SCREEN_TEMPLATES) == 2
     texts = expand_templates("golden horse")
     assert texts[0] == "photo of golden horse." and texts[-1] == "golden horse..." and "golden horse" in texts
-    assert expand_templates("cat", SCREEN_TEMPLATES) == ["cat over a green screen.", "cat in front of a green screen."]
+    assert expand_templates("cat", SCREEN_TEMPLATES) == [
+        "cat over a green screen.",
+        "cat in front of a green screen.",
+    ]
 
 
 def test_texts_encoded_once_and_normalised(tiny_clip):
@@ -115,20 +123,29 @@ def test_objective_total_is_the_weighted_sum(tiny_clip, image):
     cfg.roi_prompt = "cat"
     objective = Objective(tiny_clip, cfg)
     rgba = torch.rand(1, 4, *image.shape[-2:])
-    terms = objective(image[None], rgba, step=0, gen=torch.Generator().manual_seed(0))
+    terms = objective(Layers.from_rgba(rgba, image[None]), step=0, gen=torch.Generator().manual_seed(0))
     w_boot = bootstrap_weight(0, cfg.optim.steps, cfg.loss.lambda_bootstrap)
-    expected = (0.5 * (terms["comp_clip"] + terms["comp_dir"]) + 1.5 * terms["screen"] + 2.0 * terms["structure"]
-                + 6.0 * terms["sparsity"] + w_boot * terms["bootstrap"])
+    expected = (
+        0.5 * (terms["comp_clip"] + terms["comp_dir"])
+        + 1.5 * terms["screen"]
+        + 2.0 * terms["structure"]
+        + 6.0 * terms["sparsity"]
+        + w_boot * terms["bootstrap"]
+    )
     torch.testing.assert_close(terms["loss"], expected)
     # the structure term is zero when the output equals the source (alpha = 0)
     rgba[:, 3] = 0
-    terms = objective(image[None], rgba, step=0, gen=torch.Generator().manual_seed(0))
+    terms = objective(Layers.from_rgba(rgba, image[None]), step=0, gen=torch.Generator().manual_seed(0))
     assert float(terms["structure"]) < 1e-10
 
 
 def test_objective_without_roi_has_no_directional_or_bootstrap(tiny_clip, image):
     objective = Objective(tiny_clip, small_config())
-    terms = objective(image[None], torch.rand(1, 4, 140, 170), step=0, gen=torch.Generator().manual_seed(0))
+    terms = objective(
+        Layers.from_rgba(torch.rand(1, 4, 140, 170), image[None]),
+        step=0,
+        gen=torch.Generator().manual_seed(0),
+    )
     assert "comp_dir" not in terms and "bootstrap" not in terms
     assert {"comp_clip", "screen", "structure", "sparsity", "loss"} <= set(terms)
 
@@ -139,14 +156,17 @@ def test_bootstrap_term_is_mse_to_the_relevancy_map(tiny_clip, image):
     objective = Objective(tiny_clip, cfg)
     rgba = torch.rand(1, 4, 140, 170)
     rgba[:, 3] = 0.25  # constant alpha: the loss is mean((0.25 - R)^2)
-    terms = objective(image[None], rgba, step=0, gen=torch.Generator().manual_seed(0))
+    terms = objective(Layers.from_rgba(rgba, image[None]), step=0, gen=torch.Generator().manual_seed(0))
     relevancy = objective.relevancy(image[None])
     assert float(terms["bootstrap"]) == pytest.approx(float(((0.25 - relevancy) ** 2).mean()), rel=1e-5)
-    assert float(terms["loss"]) == pytest.approx(bootstrap_weight(0, 2, 10.0) * float(terms["bootstrap"]), rel=1e-5)
+    assert float(terms["loss"]) == pytest.approx(
+        bootstrap_weight(0, 2, 10.0) * float(terms["bootstrap"]), rel=1e-5
+    )
 
 
 def test_video_preset_objective_runs(tiny_clip, image):
     cfg = preset("video")
     cfg.prompt = "winter"
-    terms = Objective(tiny_clip, cfg)(image[None], torch.rand(1, 4, 140, 170), 0, torch.Generator().manual_seed(0))
+    layers = Layers.from_rgba(torch.rand(1, 4, 140, 170), image[None])
+    terms = Objective(tiny_clip, cfg)(layers, 0, torch.Generator().manual_seed(0))
     assert torch.isfinite(terms["loss"])

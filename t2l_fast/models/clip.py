@@ -59,6 +59,37 @@ class Clip(nn.Module):
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self.attention = "sdpa"
+
+    def set_attention(self, backend: str) -> str:
+        """Choose the attention kernel: ``sdpa`` (torch) or ``xformers`` (the optional extra).
+
+        xformers is used only when it imports and has kernels for this device; otherwise one
+        warning says why and SDPA stays. Returns the backend in use.
+        """
+        if backend == "sdpa":
+            self.attention = "sdpa"
+            return self.attention
+        if backend != "xformers":
+            raise ValueError(f"unknown attention backend {backend!r}: use sdpa or xformers")
+        reason = None
+        if self.mean.device.type != "cuda":
+            reason = "it has no CPU kernels"
+        else:
+            try:
+                import xformers.ops as xops
+
+                q = torch.zeros(1, 4, 1, 64, device=self.mean.device, dtype=torch.float16)
+                xops.memory_efficient_attention(q, q, q)
+            except Exception as exc:  # missing package, or extensions built for another torch
+                first = str(exc).splitlines()[0][:100] if str(exc) else ""
+                reason = f"it cannot run here ({type(exc).__name__}: {first})"
+        if reason:
+            log.warning("xformers attention not used, %s; using torch SDPA instead", reason)
+            self.attention = "sdpa"
+        else:
+            self.attention = "xformers"
+        return self.attention
 
     # -- text -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -99,8 +130,9 @@ class Clip(nn.Module):
         x = torch.cat([cls, x], dim=1) + self._pos_embedding(gh, gw, x.dtype)
         return v.ln_pre(x)
 
-    @staticmethod
-    def _block(block: nn.Module, x: torch.Tensor, keep_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _block(
+        self, block: nn.Module, x: torch.Tensor, keep_attention: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One residual block; returns (x, attention probabilities (B, heads, L, L) or None)."""
         attn = block.attn  # nn.MultiheadAttention with packed in-projection
         b, n, d = x.shape
@@ -112,6 +144,11 @@ class Clip(nn.Module):
         if keep_attention:
             probs = torch.softmax((q @ k.transpose(-1, -2)) * (d // heads) ** -0.5, dim=-1)
             out = probs @ v
+        elif self.attention == "xformers":
+            import xformers.ops as xops
+
+            out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = out.transpose(1, 2)  # xformers works in (B, L, H, Dh)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = attn.out_proj(out.transpose(1, 2).reshape(b, n, d))
@@ -161,7 +198,7 @@ class Clip(nn.Module):
             grads = torch.autograd.grad(score, kept)
         b, _, n, _ = kept[0].shape
         rel = torch.eye(n, device=images.device).expand(b, n, n)
-        for probs, grad in zip(kept, grads):
+        for probs, grad in zip(kept, grads, strict=True):
             cam = (grad * probs).clamp(min=0).mean(dim=1).float()  # (B, L, L)
             rel = rel + cam @ rel
         gh, gw = images.shape[-2] // self.patch, images.shape[-1] // self.patch
@@ -214,7 +251,8 @@ def resolve_hub_weights(name: str, tag: str = "openai") -> str:
             return cached
     how = (
         f"CLIP weights {name} ({tag}) are not in the Hugging Face cache and the hub cannot be reached; "
-        "download them elsewhere and pass --clip-weights PATH (safetensors, a state dict, or OpenAI's ViT-B-32.pt)"
+        "download them elsewhere and pass --clip-weights PATH "
+        "(safetensors, a state dict, or OpenAI's ViT-B-32.pt)"
     )
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not _hub_reachable():
         raise ClipWeightsError(how)
@@ -288,8 +326,12 @@ def read_state_dict(path: str | os.PathLike, name: str = "ViT-B-32") -> dict[str
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_clip(name: str = "ViT-B-32", weights: str | os.PathLike | None = None,
-              device: str | torch.device = "cpu", quick_gelu: bool = True) -> Clip:
+def load_clip(
+    name: str = "ViT-B-32",
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    quick_gelu: bool = True,
+) -> Clip:
     """Build the CLIP the losses use.
 
     name: ``test-tiny`` or an open_clip model name (default ViT-B-32).
@@ -301,7 +343,9 @@ def load_clip(name: str = "ViT-B-32", weights: str | os.PathLike | None = None,
             raise ClipWeightsError("--clip test-tiny is a random test model: it takes no --clip-weights")
         return build_test_tiny().to(device)
     if name not in open_clip.list_models():
-        raise ClipWeightsError(f"unknown CLIP model {name!r}: use ViT-B-32 (default), another open_clip name, or test-tiny")
+        raise ClipWeightsError(
+            f"unknown CLIP model {name!r}: use ViT-B-32 (default), another open_clip name, or test-tiny"
+        )
     if weights is None:
         path = resolve_hub_weights(name, "openai")
         state = read_state_dict(path, name) if path.endswith(".safetensors") else _torch_state(path)
@@ -314,12 +358,16 @@ def load_clip(name: str = "ViT-B-32", weights: str | os.PathLike | None = None,
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k} has shape {tuple(v.shape)}, not {tuple(expected[k].shape)}"
-                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    problems += [
+        f"{k} has shape {tuple(v.shape)}, not {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if problems:
         more = f" and {len(problems) - 2} more" if len(problems) > 2 else ""
-        raise ClipWeightsError(f"CLIP weights do not match {name} ({'; '.join(problems[:2])}{more}): "
-                               "pass weights of that model")
+        raise ClipWeightsError(
+            f"CLIP weights do not match {name} ({'; '.join(problems[:2])}{more}): pass weights of that model"
+        )
     model.load_state_dict(state)
     return Clip(model, open_clip.get_tokenizer(name), name).to(device)
 

@@ -44,18 +44,31 @@ def _centre_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class _Level(nn.Module):
     """One scale: a 1x1 skip branch beside (down, inner levels, upsample), then the up convs."""
 
-    def __init__(self, cin: int, down: int, up: int, skip: int, inner: nn.Module | None, inner_out: int,
-                 bn_after_1x1: bool):
+    def __init__(
+        self,
+        cin: int,
+        down: int,
+        up: int,
+        skip: int,
+        inner: nn.Module | None,
+        inner_out: int,
+        bn_after_1x1: bool,
+    ):
         super().__init__()
         self.skip = nn.Sequential(_conv(cin, skip, 1), _bn(skip), _act()) if skip else None
-        self.down = nn.Sequential(_conv(cin, down, 3, stride=2), _bn(down), _act(),
-                                  _conv(down, down, 3), _bn(down), _act())
+        self.down = nn.Sequential(
+            _conv(cin, down, 3, stride=2), _bn(down), _act(), _conv(down, down, 3), _bn(down), _act()
+        )
         self.inner = inner
         deep = inner_out if inner is not None else down
         self.up = nn.Sequential(
             _bn(skip + deep),
-            _conv(skip + deep, up, 3), _bn(up), _act(),
-            _conv(up, up, 1), *([_bn(up)] if bn_after_1x1 else []), _act(),
+            _conv(skip + deep, up, 3),
+            _bn(up),
+            _act(),
+            _conv(up, up, 1),
+            *([_bn(up)] if bn_after_1x1 else []),
+            _act(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +102,15 @@ class Generator(nn.Module):
         inner_out = 0
         for i in reversed(range(cfg.scales)):
             cin = 3 if i == 0 else cfg.channels_down
-            inner = _Level(cin, cfg.channels_down, cfg.channels_up, cfg.channels_skip, inner, inner_out,
-                           bn_after_1x1=i > 0)
+            inner = _Level(
+                cin,
+                cfg.channels_down,
+                cfg.channels_up,
+                cfg.channels_skip,
+                inner,
+                inner_out,
+                bn_after_1x1=i > 0,
+            )
             inner_out = cfg.channels_up
         self.body = inner
         self.head = nn.Conv2d(cfg.channels_up, 4, 1, bias=True)

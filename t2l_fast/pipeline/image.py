@@ -16,13 +16,14 @@ from madgrad import MADGRAD
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..augment import draw_example
+from ..augment import draw_example, view_size
 from ..config import Config, preset
 from ..io import InputError, atomic_path, check_output_dir, fit_size, save_png, save_text, to_image_tensor
 from ..kernels import composite_rgba
-from ..losses import Objective
+from ..losses import Layers, Objective
 from ..models.clip import Clip, load_clip
 from ..models.generator import Generator, min_side
+from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,22 @@ class ImageEditor:
     >>> result.save("out/")                                    # doctest: +SKIP
 
     config: the run's settings (``preset("image")`` by default); device: ``auto``, ``cuda`` or
-    ``cpu``; dtype: compute dtype of generator and CLIP under autocast (float32 default);
+    ``cpu``; dtype: autocast dtype of generator and CLIP (None: from ``config.runtime.precision``);
     clip: an already built :class:`Clip` (tests inject the tiny one), else loaded on first use.
     """
 
-    def __init__(self, config: Config | None = None, device: str | torch.device = "auto",
-                 dtype: torch.dtype = torch.float32, clip: Clip | None = None):
+    def __init__(
+        self,
+        config: Config | None = None,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | None = None,
+        clip: Clip | None = None,
+    ):
         self.config = config or preset("image")
         self.device = resolve_device(device)
         self.dtype = dtype
         self._clip = clip.to(self.device) if clip is not None else None
+        self.engine: Engine | None = None
 
     @property
     def clip(self) -> Clip:
@@ -112,8 +119,13 @@ class ImageEditor:
             self._clip = load_clip(self.config.clip, self.config.clip_weights, self.device)
         return self._clip
 
-    def prepare(self, image, prompt: str | None = None, screen_prompt: str | None = None,
-                roi_prompt: str | None = None) -> tuple[Config, torch.Tensor, list[str]]:
+    def prepare(
+        self,
+        image,
+        prompt: str | None = None,
+        screen_prompt: str | None = None,
+        roi_prompt: str | None = None,
+    ) -> tuple[Config, torch.Tensor, list[str]]:
         """Validate everything cheap before any model loads: returns (config, source (1,3,H,W), notes)."""
         cfg = copy.deepcopy(self.config)
         if prompt is not None:
@@ -132,58 +144,82 @@ class ImageEditor:
             cfg.seed = random.randrange(2**31)
         return cfg, source[None], notes
 
-    def __call__(self, image, prompt: str | None = None, screen_prompt: str | None = None,
-                 roi_prompt: str | None = None, *, on_step: StepCallback | None = None,
-                 on_preview: PreviewCallback | None = None, progress: bool = False) -> EditResult:
+    def __call__(
+        self,
+        image,
+        prompt: str | None = None,
+        screen_prompt: str | None = None,
+        roi_prompt: str | None = None,
+        *,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+        progress: bool = False,
+    ) -> EditResult:
         """Edit ``image`` (path, PIL image or (3, H, W) tensor in [0, 1]) as the prompts say."""
         cfg, source, notes = self.prepare(image, prompt, screen_prompt, roi_prompt)
         for note in notes:
             log.info(note)
         return self.train(cfg, source, on_step=on_step, on_preview=on_preview, progress=progress)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-    def train(self, cfg: Config, source: torch.Tensor, *, on_step: StepCallback | None = None,
-              on_preview: PreviewCallback | None = None, progress: bool = False) -> EditResult:
+    def train(
+        self,
+        cfg: Config,
+        source: torch.Tensor,
+        *,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+        progress: bool = False,
+    ) -> EditResult:
         """The optimisation loop on a prepared source (1, 3, H, W). Ctrl-C ends it early with the
         current generator (``result.interrupted``)."""
         device = self.device
         clip = self.clip
+        engine = self.engine = Engine(cfg.runtime, device, self.dtype)
+        clip.set_attention(cfg.runtime.attention)
         source = source.to(device)
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         generator = Generator(cfg.generator).to(device)
-        objective = Objective(clip, cfg)
-        opt = MADGRAD(generator.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                      weight_decay=cfg.optim.weight_decay)
+        run_generator = engine.compiled(generator, dynamic=None)  # a few bucketed sizes
+        objective = self._objective(clip, cfg, engine, source)
+        opt = MADGRAD(
+            generator.parameters(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
         floor = cfg.optim.min_lr / cfg.optim.lr
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(cfg.optim.gamma**s, floor))
         history: list[dict[str, float]] = []
         interrupted = False
-        bar = tqdm(total=cfg.optim.steps, disable=not progress, desc="editing", unit="step", dynamic_ncols=True)
+        log.info("training: %s", engine.describe())
+        bar = tqdm(
+            total=cfg.optim.steps, disable=not progress, desc="editing", unit="step", dynamic_ncols=True
+        )
         try:
-            for step in range(cfg.optim.steps):
-                examples = [draw_example(source, cfg.data, gen, generator.min_side)]
-                if step % cfg.data.source_every == 0:
-                    examples.append(source)
-                terms: dict[str, torch.Tensor] = {}
-                with self._autocast():
-                    for example in examples:
-                        for k, v in objective(example, generator(example), step, gen).items():
-                            terms[k] = terms.get(k, 0) + v / len(examples)
-                opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                opt.step()
-                sched.step()
-                record = {k: float(v.detach()) for k, v in terms.items()}
-                history.append(record)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()}, refresh=False)
-                bar.update()
-                if on_step:
-                    on_step(step, record)
-                if on_preview and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
-                    on_preview(step, self.render(generator, source)[0][0].cpu())
+            with engine.kernels():
+                for step in range(cfg.optim.steps):
+                    examples = [
+                        (draw_example(source, cfg.data, gen, generator.min_side, engine.bucket), None)
+                    ]
+                    if step % cfg.data.source_every == 0:
+                        examples.append((source, ("source",)))  # the un-augmented input: cacheable
+                    terms: dict[str, torch.Tensor] = {}
+                    with engine.autocast():
+                        for example, key in examples:
+                            layers = Layers.from_rgba(run_generator(example).float(), example)
+                            for k, v in objective(layers, step, gen, cache_key=key).items():
+                                terms[k] = terms.get(k, 0) + v / len(examples)
+                    engine.step(opt, terms["loss"])
+                    sched.step()
+                    record = {k: float(v.detach()) for k, v in terms.items()}
+                    history.append(record)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()}, refresh=False)
+                    bar.update()
+                    if on_step:
+                        on_step(step, record)
+                    if on_preview and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
+                        on_preview(step, self.render(generator, source)[0][0].cpu())
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted after %d steps: keeping the current result", len(history))
@@ -191,10 +227,29 @@ class ImageEditor:
             bar.close()
         return self._result(cfg, generator, source, history, interrupted, clip.is_test_model)
 
+    @staticmethod
+    def _objective(clip: Clip, cfg: Config, engine: Engine, source: torch.Tensor) -> Objective:
+        """Reference mode: the loss as the original computes it. Fast path: batched, with one view
+        size and one structure-view size per run (from the source's aspect) and compiled CLIP."""
+        if not engine.fast:
+            return Objective(clip, cfg, batched=False)
+        v = cfg.views
+        hw = tuple(source.shape[-2:])
+        return Objective(
+            clip,
+            cfg,
+            batched=True,
+            view_size=view_size(*hw, v.short_side, v.max_long_side, clip.patch),
+            structure_size=view_size(*hw, v.short_side, v.structure_max_long_side, clip.patch),
+            encode_image=engine.compiled(clip.encode_image, dynamic=False),
+            encode_tokens=engine.compiled(clip.encode_tokens, dynamic=False),
+        )
+
     @torch.no_grad()
     def render(self, generator: Generator, source: torch.Tensor):
         """Run the generator on the whole source: (composite, rgba, greenscreen), batched (1, C, H, W)."""
-        with self._autocast():
+        engine = getattr(self, "engine", None) or Engine(self.config.runtime, self.device, self.dtype)
+        with engine.autocast():
             rgba = generator(source).float()
         out = composite_rgba(rgba, source)
         return out.composite, rgba, out.greenscreen
@@ -203,9 +258,17 @@ class ImageEditor:
         composite, rgba, greenscreen = self.render(generator, source)
         state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
         return EditResult(
-            source=source[0].cpu(), composite=composite[0].cpu(), edit=rgba[0, :3].cpu(), alpha=rgba[0, 3:].cpu(),
-            greenscreen=greenscreen[0].cpu(), losses=history, config=cfg, generator_state=state,
-            steps_done=len(history), interrupted=interrupted, is_test_model=is_test,
+            source=source[0].cpu(),
+            composite=composite[0].cpu(),
+            edit=rgba[0, :3].cpu(),
+            alpha=rgba[0, 3:].cpu(),
+            greenscreen=greenscreen[0].cpu(),
+            losses=history,
+            config=cfg,
+            generator_state=state,
+            steps_done=len(history),
+            interrupted=interrupted,
+            is_test_model=is_test,
         )
 
     def apply(self, generator_path: str | os.PathLike, image) -> EditResult:
@@ -225,4 +288,3 @@ class ImageEditor:
         generator = Generator(cfg.generator).to(self.device)
         generator.load_state_dict(load_file(str(path)))
         return self._result(cfg, generator, source, [], False, False)
-

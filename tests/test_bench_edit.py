@@ -1,0 +1,40 @@
+"""The end-to-end benchmark's code path, as a tiny CPU smoke run (not a timing test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_edit_smoke_writes_json_and_markdown(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_edit.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(next(tmp_path.glob("edit-*.json")).read_text())
+    assert {"meta", "modes", "flops_per_step", "speedup"} <= set(report)
+    assert [m["mode"] for m in report["modes"]] == ["reference", "fast"]
+    for row in report["modes"]:
+        assert row["ms_per_step_p20"] <= row["ms_per_step_median"] <= row["ms_per_step_p80"]
+        assert row["projected_edit_s"] > 0
+    assert report["flops_per_step"] > 0
+    assert report["modes"][0]["engine"].startswith("reference mode, fp32")
+    assert "| fast |" in next(tmp_path.glob("edit-*.md")).read_text()
+
+
+def test_bench_edit_without_gpu_says_so(tmp_path):
+    code = (
+        "import torch, runpy, sys; torch.cuda.is_available = lambda: False; "
+        f"sys.argv = ['bench_edit.py', '--out', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(REPO / 'benchmarks' / 'bench_edit.py')!r}, run_name='__main__')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "no CUDA GPU" in proc.stdout
+    assert not list(tmp_path.iterdir())
