@@ -39,9 +39,10 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="More loggi
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def build_config(config: Path | None, overrides: list[str], **flags) -> Config:
+def build_config(config: Path | None, overrides: list[str], base: Config | None = None, **flags) -> Config:
     """Preset, then the YAML file, then ``--set key=value``, then the explicit flags."""
-    cfg = load_yaml(config) if config is not None else preset("image")
+    base = base or preset("image")
+    cfg = load_yaml(config, base) if config is not None else base
     parse_overrides(cfg, overrides)
     mapping = {
         "prompt": "prompt",
@@ -62,15 +63,24 @@ def build_config(config: Path | None, overrides: list[str], **flags) -> Config:
     return cfg
 
 
+def is_video_input(path: Path) -> bool:
+    """A folder of frames or a video file (by extension) is a video; anything else an image."""
+    from .video_io import VIDEO_EXTENSIONS
+
+    return path.is_dir() or path.suffix.lower() in VIDEO_EXTENSIONS
+
+
 @app.command()
 def edit(
-    image: Path = typer.Argument(..., help="The image to edit (PNG, JPEG, ...)."),
+    image: Path = typer.Argument(
+        ..., help="The image, video file (mp4/mov/webm) or folder of frames to edit."
+    ),
     prompt: str = typer.Option(None, "--prompt", "-p", help="The edited image, e.g. 'a golden cat'."),
     screen_prompt: str = typer.Option(None, help="The edit layer alone (default: the prompt)."),
     roi_prompt: str = typer.Option(
         None,
         help="The region to edit in the source, e.g. 'cat'; enables the "
-        "directional loss and the relevancy bootstrap.",
+        "directional loss and (images) the relevancy bootstrap.",
     ),
     config: Path = typer.Option(
         None, "--config", "-c", help="YAML config (own or the reference's flat keys)."
@@ -78,28 +88,49 @@ def edit(
     overrides: list[str] = typer.Option(
         [], "--set", help="Override a config key: --set loss.lambda_structure=3"
     ),
-    steps: int = typer.Option(None, help="Optimisation steps (default 1000)."),
-    size: int = typer.Option(None, help="Resize the input so its short side is at most this (default 512)."),
+    steps: int = typer.Option(None, help="Optimisation steps (default 1000 for images, 3000 for videos)."),
+    size: int = typer.Option(None, help="Images: resize so the short side is at most this (default 512)."),
+    atlas: Path = typer.Option(None, help="Videos: an NLA checkpoint, or a folder made by `t2l-fast atlas`."),
+    layer: str = typer.Option(
+        None, help="Videos: the atlas layer to edit, background (default) or foreground."
+    ),
+    frames: int = typer.Option(None, help="Videos: use the first N frames."),
+    write_frames: bool = typer.Option(False, "--write-frames", help="Videos: also write the frames as PNG."),
     clip: str = typer.Option(None, help="CLIP model: ViT-B-32 (default) or test-tiny (random, for tests)."),
     clip_weights: Path = typer.Option(
         None, help="Local CLIP weights: safetensors, state dict or OpenAI's ViT-B-32.pt."
     ),
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     seed: int = typer.Option(None, help="Random seed (default 0; -1 draws one)."),
-    preview_every: int = typer.Option(None, help="Write a preview into OUT/previews every N steps."),
+    preview_every: int = typer.Option(None, help="Images: write a preview into OUT/previews every N steps."),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder."),
 ) -> None:
-    """Edit an image as a text prompt says; writes the composite, the RGBA edit layer and more to OUT."""
-    from .pipeline.image import ImageEditor
-
+    """Edit an image or a video as a text prompt says; writes the result and the RGBA edit layer to OUT."""
+    video = is_video_input(image)
     try:
         if device not in ("auto", "cuda", "cpu") and not device.startswith("cuda:"):
             raise InputError(f"--device {device!r} is not one of auto, cuda, cpu")
         if steps is not None and steps <= 0:
             raise InputError(f"--steps must be > 0 (got {steps})")
+        if frames is not None and frames <= 0:
+            raise InputError(f"--frames must be > 0 (got {frames})")
+        video_only = {
+            "--atlas": atlas,
+            "--layer": layer,
+            "--frames": frames,
+            "--write-frames": write_frames or None,
+        }
+        if not video:
+            given = [name for name, value in video_only.items() if value is not None]
+            if given:
+                raise InputError(f"{', '.join(given)} apply to videos only, and {image} is not a video")
+        elif size is not None or preview_every is not None:
+            raise InputError("--size and --preview-every apply to images only")
+        base = preset("video" if video else "image")
         cfg = build_config(
             config,
             overrides,
+            base,
             prompt=prompt,
             screen_prompt=screen_prompt,
             roi_prompt=roi_prompt,
@@ -110,22 +141,35 @@ def edit(
             steps=steps,
             size=size,
         )
+        if video:
+            cfg.video.atlas = str(atlas) if atlas is not None else cfg.video.atlas
+            cfg.video.layer = layer or cfg.video.layer
+            cfg.video.frames = frames or cfg.video.frames
+            cfg.video.write_frames = write_frames or cfg.video.write_frames
         if cfg.clip_weights is not None and not Path(cfg.clip_weights).is_file():
             raise InputError(f"--clip-weights file not found: {cfg.clip_weights}")
         check_output_dir(out)
-        editor = ImageEditor(cfg, device=device)
-        cfg, source, notes = editor.prepare(image)
-        for note in notes:
-            typer.echo(f"note: {image}: {note}", err=True)
-        if cfg.clip == "test-tiny":
-            typer.echo(NOT_A_REAL_EDIT, err=True)
-        editor.config = cfg
-        _ = editor.clip  # load now: weight errors surface before training
+        if video:
+            _edit_video(image, cfg, device, out)
+        else:
+            _edit_image(image, cfg, device, out)
     except InputError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         raise _fail("interrupted before training started; nothing written", 130) from None
 
+
+def _edit_image(image: Path, cfg: Config, device: str, out: Path) -> None:
+    from .pipeline.image import ImageEditor
+
+    editor = ImageEditor(cfg, device=device)
+    cfg, source, notes = editor.prepare(image)
+    for note in notes:
+        typer.echo(f"note: {image}: {note}", err=True)
+    if cfg.clip == "test-tiny":
+        typer.echo(NOT_A_REAL_EDIT, err=True)
+    editor.config = cfg
+    _ = editor.clip  # load now: weight errors surface before training
     h, w = source.shape[-2:]
     typer.echo(f"editing {image} ({w}x{h}) for {cfg.optim.steps} steps on {editor.device}", err=True)
 
@@ -135,6 +179,30 @@ def edit(
         save_png(composite, folder / f"step_{step + 1:05d}.png")
 
     result = editor.train(cfg, source, on_preview=preview if cfg.preview_every else None, progress=True)
+    _finish(result, out)
+
+
+def _edit_video(video: Path, cfg: Config, device: str, out: Path) -> None:
+    from .pipeline.video import VideoEditor
+
+    editor = VideoEditor(cfg, device=device)
+    cfg, inputs = editor.prepare(video)
+    if cfg.clip == "test-tiny":
+        typer.echo(NOT_A_REAL_EDIT, err=True)
+    editor.config = cfg
+    _ = editor.clip
+    t, _, h, w = inputs.frames.shape
+    typer.echo(
+        f"editing the {cfg.video.layer} of {video} ({t} frames, {w}x{h}) for {cfg.optim.steps} steps "
+        f"on {editor.device}",
+        err=True,
+    )
+    result = editor.train(cfg, inputs, progress=True)
+    _finish(result, out)
+
+
+def _finish(result, out: Path) -> None:
+    """Write the outputs; exit 130 when training was interrupted (the outputs are still written)."""
     try:
         paths = result.save(out)
     except KeyboardInterrupt:

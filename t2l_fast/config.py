@@ -72,6 +72,7 @@ class LossConfig:
     lambda_alpha_l0: float = 0.01
     lambda_bootstrap: float = 10.0
     bootstrap_steps: int | None = None  # None: all steps when a ROI prompt is given; 0: off
+    bootstrap_schedule: str = "linear"  # linear (annealed to 0) | none (constant weight)
     text_criterion: str = "spherical"  # spherical | cosine
     relevancy_num_layers: int = 10  # relevancy uses the attention of the blocks after this one
 
@@ -89,6 +90,24 @@ class OptimConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Video edits through a layered neural atlas (DESIGN §2)."""
+
+    atlas: str | None = None  # NLA checkpoint, or an atlas saved by `t2l-fast atlas`
+    layer: str = "background"  # background | foreground
+    frames: int | None = None  # use the first N frames (default: all)
+    trained_frames: int | None = None  # frames the NLA atlas was trained on (default: the video's)
+    width: int = 768  # frame size of NLA checkpoints (own atlases carry theirs)
+    height: int = 432
+    grid: int = 2000  # atlas texels per unit of atlas coordinate (NLA checkpoints)
+    frame_distance: int = 2  # the step's frames are t - d, t, t + d
+    mask_threshold: float = 0.95  # foreground crops: box of alpha >= this ...
+    mask_border: int = 30  # ... grown by this many pixels
+    atlas_downscale: int = 3  # the whole background atlas is fed at 1/N resolution
+    write_frames: bool = False  # also write the edited frames as PNG
+
+
+@dataclass
 class RuntimeConfig:
     """How a run executes (not what it computes): see README, "Fast path"."""
 
@@ -103,10 +122,12 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
-    prompt: str = ""  # T: describes the whole edited image (comp_text)
-    screen_prompt: str | None = None  # T_screen: the edit layer alone; defaults to prompt
-    roi_prompt: str | None = None  # T_ROI: the region of interest in the source (src_text)
-    bootstrap_prompt: str | None = None  # relevancy text; defaults to roi_prompt
+    # Each prompt may be a list of prompts (the reference's video configs): all their template
+    # embeddings are used.
+    prompt: str | list[str] = ""  # T: describes the whole edited image (comp_text)
+    screen_prompt: str | list[str] | None = None  # T_screen: the edit layer alone; defaults to prompt
+    roi_prompt: str | list[str] | None = None  # T_ROI: the region of interest in the source (src_text)
+    bootstrap_prompt: str | None = None  # relevancy text; defaults to the (first) ROI prompt
     seed: int = 0
     clip: str = "ViT-B-32"  # open_clip model name, or "test-tiny"
     clip_weights: str | None = None  # local weights file; None: OpenAI weights from the HF hub
@@ -116,16 +137,20 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # -- derived values -------------------------------------------------------------------------
     @property
-    def effective_screen_prompt(self) -> str:
+    def effective_screen_prompt(self) -> str | list[str]:
         return self.screen_prompt or self.prompt
 
     @property
     def effective_bootstrap_prompt(self) -> str | None:
-        return self.bootstrap_prompt or self.roi_prompt
+        if self.bootstrap_prompt:
+            return self.bootstrap_prompt
+        roi = self.roi_prompt
+        return roi[0] if isinstance(roi, list) and roi else roi or None
 
     @property
     def effective_bootstrap_steps(self) -> int:
@@ -143,11 +168,16 @@ class Config:
 
     def validate(self) -> Config:
         """Raise InputError for values no run can use. Returns self."""
-        if not self.prompt or not self.prompt.strip():
+
+        def blank(value: str | list[str]) -> bool:
+            items = value if isinstance(value, list) else [value]
+            return not items or any(not isinstance(v, str) or not v.strip() for v in items)
+
+        if blank(self.prompt):
             raise InputError("the prompt is empty: pass --prompt 'a golden cat' (or comp_text in the config)")
         for name in ("screen_prompt", "roi_prompt", "bootstrap_prompt"):
             value = getattr(self, name)
-            if value is not None and not value.strip():
+            if value is not None and blank(value):
                 raise InputError(f"{name} is empty: give it some text or leave it out")
         if self.optim.steps <= 0:
             raise InputError(f"steps must be > 0 (got {self.optim.steps}): pass e.g. --steps 1000")
@@ -155,28 +185,34 @@ class Config:
             raise InputError(f"views.n_aug must be >= 1 (got {self.views.n_aug})")
         if self.data.size < 0:
             raise InputError(f"data.size must be >= 0 (got {self.data.size})")
-        if self.loss.text_criterion not in ("spherical", "cosine"):
-            raise InputError(
-                f"loss.text_criterion must be spherical or cosine (got {self.loss.text_criterion!r})"
-            )
+        for key in CHOICES:
+            section, name = key.split(".")
+            _check_choice(key, getattr(getattr(self, section), name))
         if not 0 < self.data.crop_min_cover <= 1 or not 0 < self.views.min_cover <= 1:
             raise InputError("crop_min_cover and views.min_cover must be in (0, 1]")
-        choices = {
-            "mode": ("auto", "fast", "reference"),
-            "precision": ("auto", "fp32", "bf16", "fp16"),
-            "compile": ("auto", "on", "off"),
-            "attention": ("sdpa", "xformers"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self.runtime, key) not in allowed:
-                raise InputError(
-                    f"runtime.{key} must be one of {', '.join(allowed)} (got {getattr(self.runtime, key)!r})"
-                )
         if self.runtime.bucket < 1:
             raise InputError(f"runtime.bucket must be >= 1 (got {self.runtime.bucket})")
         if not 0 < self.data.scale_min <= self.data.scale_max:
             raise InputError("data.scale_min must be > 0 and <= data.scale_max")
         return self
+
+
+# The allowed values of the string settings that are choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss.text_criterion": ("spherical", "cosine"),
+    "loss.bootstrap_schedule": ("linear", "none"),
+    "video.layer": ("background", "foreground"),
+    "runtime.mode": ("auto", "fast", "reference"),
+    "runtime.precision": ("auto", "fp32", "bf16", "fp16"),
+    "runtime.compile": ("auto", "on", "off"),
+    "runtime.attention": ("sdpa", "xformers"),
+}
+
+
+def _check_choice(key: str, value: Any, given: str | None = None) -> None:
+    if key in CHOICES and value not in CHOICES[key]:
+        name = key if given in (None, key) else f"{given} ({key})"
+        raise InputError(f"config key {name} must be one of {', '.join(CHOICES[key])} (got {value!r})")
 
 
 def preset(name: str = "image") -> Config:
@@ -192,6 +228,9 @@ def preset(name: str = "image") -> Config:
         cfg.loss.lambda_alpha_l1 = 0.01
         cfg.optim.steps = 3000
         cfg.optim.gamma = 0.999
+        cfg.data.crop_min_cover = 0.95
+        cfg.views.fill = 0.0
+        cfg.loss.bootstrap_steps = 0  # the reference's video default: no relevancy bootstrap
         return cfg
     raise InputError(f"unknown preset {name!r}: use 'image' or 'video'")
 
@@ -234,7 +273,7 @@ REFERENCE_KEYS: dict[str, str | _Fixed | None] = {
     "skip_n11": "generator.channels_skip",
     "num_scales": "generator.scales",
     # accepted only with the values this implementation reproduces
-    "bootstrap_scheduler": (None, ("linear",)),
+    "bootstrap_scheduler": "loss.bootstrap_schedule",
     "lambda_bootstrap_min": (None, (0, 0.0)),
     "bootstrapping_min_cover": (None, (1, 1.0)),
     "use_negative_bootstrap": (None, (False,)),
@@ -242,6 +281,23 @@ REFERENCE_KEYS: dict[str, str | _Fixed | None] = {
     "optimizer": (None, ("madgrad",)),
     "clip_model_name": (None, ("ViT-B/32",)),
     "d_divisible_crops": (None, (1,)),
+    "align_corners": (None, (False,)),
+    "lambda_clip": (None, (1, 1.0)),
+    "input_entire_atlas": (None, (True,)),
+    "multiply_foreground_alpha": (None, (True,)),
+    "bootstrap_negative_text": (None, ([], "", None)),
+    # video (the reference's video configs)
+    "checkpoint_path": "video.atlas",
+    "maximum_number_of_frames": "video.frames",
+    "resx": "video.width",
+    "resy": "video.height",
+    "grid_atlas_resolution": "video.grid",
+    "center_frame_distance": "video.frame_distance",
+    "masks_border_expansion": "video.mask_border",
+    "mask_alpha_threshold": "video.mask_threshold",
+    "entire_atlas_every": "data.source_every",
+    "finetune_background": "video.layer",
+    "finetune_foreground": "video.layer",
     # logging / paths of the reference: not used here (input, device and output come from the CLI)
     "use_wandb": None,
     "wandb_project": None,
@@ -249,6 +305,10 @@ REFERENCE_KEYS: dict[str, str | _Fixed | None] = {
     "device": None,
     "results_folder": None,
     "image_path": None,
+    "example_config": None,
+    "save_model_starting_epoch": None,
+    "return_atlas_alpha": None,
+    "bootstrap_negative_map_threshold": None,
 }
 
 
@@ -260,6 +320,10 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
     """Convert ``value`` (from YAML, or a string from the CLI) to the field's annotated type."""
     optional = annotation.endswith("| None")
     kind = annotation.replace("| None", "").strip()
+    if kind.startswith("str | list[str]"):
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        kind = "str"
     if isinstance(value, str) and kind != "str":
         value = None if value.strip().lower() in ("", "none", "null", "~") else yaml.safe_load(value)
     if value is None:
@@ -288,6 +352,7 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
     """Set a dotted key (``loss.lambda_structure``) or a reference flat key; unknown keys raise."""
+    given = key
     if key in REFERENCE_KEYS:
         target = REFERENCE_KEYS[key]
         if target is None:
@@ -300,6 +365,12 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
             return
         if key == "bootstrap_epoch" and _coerce(value, "int", key) <= 0:
             value = 0
+        if key in ("finetune_background", "finetune_foreground"):
+            if not _coerce(value, "bool", key):
+                return
+            value = key.removeprefix("finetune_")
+        if key in ("bootstrap_text", "screen_text", "comp_text", "src_text") and value in ("", []):
+            value = None if key != "comp_text" else value
         key = target
     parts = key.split(".")
     obj: Any = cfg
@@ -310,7 +381,9 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(obj, part)):
                 raise InputError(f"config key {key!r} is a section: set one of its keys, e.g. {key}.<name>")
-            setattr(obj, part, _coerce(value, str(fields[part].type), key))
+            value = _coerce(value, str(fields[part].type), key)
+            _check_choice(".".join(parts[-2:]), value, given)
+            setattr(obj, part, value)
         else:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):

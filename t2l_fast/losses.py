@@ -39,8 +39,10 @@ SCREEN_TEMPLATES = ("{} over a green screen.", "{} in front of a green screen.")
 RELEVANCY_SIZE = 224
 
 
-def expand_templates(prompt: str, templates: tuple[str, ...] = TEMPLATES) -> list[str]:
-    return [t.format(prompt) for t in templates]
+def expand_templates(prompt: str | list[str], templates: tuple[str, ...] = TEMPLATES) -> list[str]:
+    """Every prompt with every template, prompt-major: [p0·t0, p0·t1, ..., p1·t0, ...]."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return [t.format(p) for p in prompts for t in templates]
 
 
 def spherical_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,20 +69,20 @@ def sparsity_loss(alpha_l1: torch.Tensor, alpha_l0: torch.Tensor, l1: float, l0:
     return l1 * alpha_l1.mean() + l0 * alpha_l0.mean()
 
 
-def bootstrap_weight(step: int, steps: int, weight: float) -> float:
-    """Linear annealing: weight·(1 - (step + 1)/steps) while step < steps, then 0."""
+def bootstrap_weight(step: int, steps: int, weight: float, schedule: str = "linear") -> float:
+    """While step < steps: weight·(1 - (step + 1)/steps) (linear) or weight (none); then 0."""
     if step >= steps or steps <= 0:
         return 0.0
-    return weight * (1 - (step + 1) / steps)
+    return weight if schedule == "none" else weight * (1 - (step + 1) / steps)
 
 
 @dataclass
 class Texts:
     """Text embeddings of one run (normalised, fp32), computed once."""
 
-    comp: torch.Tensor  # (14, E) the prompt with every template
-    screen: torch.Tensor  # (2, E) the screen prompt with the green-screen templates
-    src: torch.Tensor | None  # (14, E) the ROI prompt with every template
+    comp: torch.Tensor  # (14·P, E) the prompt(s) with every template
+    screen: torch.Tensor  # (2·P, E) the screen prompt(s) with the green-screen templates
+    src: torch.Tensor | None  # (14·Q, E) the ROI prompt(s) with every template
     bootstrap: torch.Tensor | None  # (E,) the bootstrap prompt as is (relevancy)
 
     @staticmethod
@@ -233,11 +235,10 @@ class Objective:
             paired = ViewParams.cat([d[0] for d in draws])
             screen = ViewParams.cat([d[1] for d in draws])
         comp_idx = self._pick(len(texts.comp), gen) if lc.lambda_composition > 0 else None
-        dir_idx = (
-            self._pick(len(texts.src), gen) if lc.lambda_composition > 0 and texts.src is not None else None
-        )
+        paired_texts = min(len(texts.comp), len(texts.src)) if texts.src is not None else 0
+        dir_idx = self._pick(paired_texts, gen) if lc.lambda_composition > 0 and paired_texts else None
         screen_idx = self._pick(len(texts.screen), gen) if lc.lambda_screen > 0 else None
-        weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap)
+        weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap, lc.bootstrap_schedule)
 
         if self.batched:
             emb = self._embeddings(layers, paired, screen, cache_key)

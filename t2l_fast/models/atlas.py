@@ -33,12 +33,13 @@ at normalised g = (2p + 1)/w - 1 (texel centres, the half texel): :meth:`AtlasDa
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -64,6 +65,11 @@ MODEL_KEYS = {
     KEY_ATLAS: (2, 3),
     KEY_ALPHA: (3, 1),
 }
+
+
+#: Identifies files written by :meth:`AtlasData.save`.
+ATLAS_FORMAT = "t2l_fast.atlas"
+ATLAS_FORMAT_VERSION = 1
 
 
 class AtlasCheckpointError(InputError):
@@ -407,6 +413,11 @@ class AtlasData:
         foreground_atlas (3, hf, wf)   discretised foreground atlas in [0, 1], cropped to foreground_box
         background_box / foreground_box  the crops' texel boxes (width = w, height = h of the image)
         grid             R: texel (v, u) of the full grid holds (u/R + s, v/R + s), s = -1 bg, 0 fg
+        meta             JSON-serialisable information on the atlas's origin (e.g. ``trained_frames``,
+                         ``source``, fit statistics); kept by :meth:`save` / :meth:`load`
+
+    Saved with :meth:`save` as safetensors (the five tensors) with the boxes, grid, frame size and
+    ``meta`` as JSON in the header; :meth:`load` reads it back.
     """
 
     uv_background: torch.Tensor
@@ -417,6 +428,7 @@ class AtlasData:
     background_box: TexelBox
     foreground_box: TexelBox
     grid: int = 2000
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.background_box = TexelBox(*self.background_box)
@@ -466,7 +478,91 @@ class AtlasData:
             self.background_box,
             self.foreground_box,
             self.grid,
+            dict(self.meta),
         )
+
+    # -- saving and loading -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the atlas to ``path`` (``.safetensors``), atomically (temp file + rename).
+
+        Tensors: ``uv_background``, ``uv_foreground`` (T, H, W, 2) float32, ``alpha`` (T, H, W) float16
+        (opacity needs no more), ``background_atlas`` / ``foreground_atlas`` (3, h, w) float32. Header
+        metadata ``t2l_fast_atlas``: JSON with format version, grid, both boxes, frame size
+        [width, height], frame count and ``meta``. Returns the path written.
+        """
+        from safetensors.torch import save_file
+
+        tensors = {
+            "uv_background": self.uv_background.detach().float().cpu().contiguous(),
+            "uv_foreground": self.uv_foreground.detach().float().cpu().contiguous(),
+            "alpha": self.alpha.detach().cpu().to(torch.float16).contiguous(),
+            "background_atlas": self.background_atlas.detach().float().cpu().contiguous(),
+            "foreground_atlas": self.foreground_atlas.detach().float().cpu().contiguous(),
+        }
+        header = {
+            "format": ATLAS_FORMAT,
+            "version": ATLAS_FORMAT_VERSION,
+            "grid": int(self.grid),
+            "background_box": list(self.background_box),
+            "foreground_box": list(self.foreground_box),
+            "frame_size": [self.width, self.height],
+            "num_frames": self.num_frames,
+            "meta": self.meta,
+        }
+        path = os.fspath(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"t2l_fast_atlas": json.dumps(header)})
+        log.info("saved atlas (%d frames of %dx%d) to %s", self.num_frames, self.width, self.height, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> AtlasData:
+        """Read an atlas written by :meth:`save` (float32 tensors on ``device``).
+
+        Raises :class:`AtlasCheckpointError` (an :class:`~t2l_fast.io.InputError`) with a one-line
+        message for a missing file, a file that is not a t2l_fast atlas, or inconsistent contents.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise AtlasCheckpointError(f"atlas file not found: {path}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                raw = (f.metadata() or {}).get("t2l_fast_atlas")
+                names = set(f.keys())
+                tensors = {k: f.get_tensor(k) for k in names}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AtlasCheckpointError(f"not a readable safetensors atlas: {path} ({e})") from e
+        if raw is None:
+            raise AtlasCheckpointError(f"{path} is a safetensors file but not a t2l_fast atlas (no header)")
+        try:
+            header = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise AtlasCheckpointError(f"{path}: atlas header is not valid JSON ({e})") from e
+        if header.get("format") != ATLAS_FORMAT or int(header.get("version", -1)) > ATLAS_FORMAT_VERSION:
+            raise AtlasCheckpointError(
+                f"{path}: unsupported atlas format {header.get('format')!r} version {header.get('version')}"
+            )
+        required = {"uv_background", "uv_foreground", "alpha", "background_atlas", "foreground_atlas"}
+        missing = sorted(required - names)
+        if missing:
+            raise AtlasCheckpointError(f"{path}: atlas is missing tensor(s) {', '.join(missing)}")
+        try:
+            atlas = cls(
+                uv_background=tensors["uv_background"].float(),
+                uv_foreground=tensors["uv_foreground"].float(),
+                alpha=tensors["alpha"].float(),
+                background_atlas=tensors["background_atlas"].float(),
+                foreground_atlas=tensors["foreground_atlas"].float(),
+                background_box=TexelBox(*header["background_box"]),
+                foreground_box=TexelBox(*header["foreground_box"]),
+                grid=int(header["grid"]),
+                meta=dict(header.get("meta") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise AtlasCheckpointError(f"{path}: inconsistent atlas ({e})") from e
+        return atlas.to(device)
 
     # -- per layer ----------------------------------------------------------------------------
     def atlas_image(self, layer: str) -> torch.Tensor:

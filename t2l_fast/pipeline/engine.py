@@ -105,3 +105,68 @@ class Engine:
             log.warning("falling back to fp32 after %d non-finite steps in a row", self._consecutive_bad)
             self.amp_dtype = None
         return False
+
+
+Example = tuple  # (Layers, cache_key | None, weight): one batch of same-size examples of a step
+
+
+def optimise(
+    engine: Engine,
+    generator: torch.nn.Module,
+    objective,
+    examples_of_step,
+    optim_cfg,
+    seed: int,
+    *,
+    on_step=None,
+    after_step=None,
+    progress: bool = False,
+    desc: str = "editing",
+) -> tuple[list[dict[str, float]], bool]:
+    """The training loop both editors share.
+
+    ``examples_of_step(step, gen)`` returns the step's examples as (Layers, cache_key, weight)
+    tuples (it runs the generator); the loss is the weighted sum of the objective's terms. MADGRAD
+    with the exponential schedule (``optim_cfg``); the NaN guard of ``engine.step``. Ctrl-C ends
+    the loop early. Returns (per-step loss records, interrupted).
+    """
+    from madgrad import MADGRAD
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = MADGRAD(
+        generator.parameters(),
+        lr=optim_cfg.lr,
+        momentum=optim_cfg.momentum,
+        weight_decay=optim_cfg.weight_decay,
+    )
+    floor = optim_cfg.min_lr / optim_cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(optim_cfg.gamma**s, floor))
+    history: list[dict[str, float]] = []
+    interrupted = False
+    log.info("training: %s", engine.describe())
+    bar = tqdm(total=optim_cfg.steps, disable=not progress, desc=desc, unit="step", dynamic_ncols=True)
+    try:
+        with engine.kernels():
+            for step in range(optim_cfg.steps):
+                terms: dict[str, torch.Tensor] = {}
+                with engine.autocast():
+                    for layers, key, weight in examples_of_step(step, gen):
+                        for k, v in objective(layers, step, gen, cache_key=key).items():
+                            terms[k] = terms.get(k, 0) + weight * v
+                engine.step(opt, terms["loss"])
+                sched.step()
+                record = {k: float(v.detach()) for k, v in terms.items()}
+                history.append(record)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()}, refresh=False)
+                bar.update()
+                if on_step:
+                    on_step(step, record)
+                if after_step:
+                    after_step(step)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted after %d steps: keeping the current result", len(history))
+    finally:
+        bar.close()
+    return history, interrupted

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from madgrad import MADGRAD
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..augment import draw_example, view_size
 from ..config import Config, preset
@@ -23,7 +21,7 @@ from ..kernels import composite_rgba
 from ..losses import Layers, Objective
 from ..models.clip import Clip, load_clip
 from ..models.generator import Generator, min_side
-from .engine import Engine
+from .engine import Engine, optimise
 
 log = logging.getLogger(__name__)
 
@@ -178,53 +176,32 @@ class ImageEditor:
         clip.set_attention(cfg.runtime.attention)
         source = source.to(device)
         torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
         generator = Generator(cfg.generator).to(device)
         run_generator = engine.compiled(generator, dynamic=None)  # a few bucketed sizes
         objective = self._objective(clip, cfg, engine, source)
-        opt = MADGRAD(
-            generator.parameters(),
-            lr=cfg.optim.lr,
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
+
+        def examples_of_step(step: int, gen: torch.Generator):
+            crops = [(draw_example(source, cfg.data, gen, generator.min_side, engine.bucket), None)]
+            if step % cfg.data.source_every == 0:
+                crops.append((source, ("source",)))  # the un-augmented input: its targets are cached
+            for crop, key in crops:
+                yield Layers.from_rgba(run_generator(crop).float(), crop), key, 1.0 / len(crops)
+
+        def after_step(step: int) -> None:
+            if on_preview and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
+                on_preview(step, self.render(generator, source)[0][0].cpu())
+
+        history, interrupted = optimise(
+            engine,
+            generator,
+            objective,
+            examples_of_step,
+            cfg.optim,
+            cfg.seed,
+            on_step=on_step,
+            after_step=after_step,
+            progress=progress,
         )
-        floor = cfg.optim.min_lr / cfg.optim.lr
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(cfg.optim.gamma**s, floor))
-        history: list[dict[str, float]] = []
-        interrupted = False
-        log.info("training: %s", engine.describe())
-        bar = tqdm(
-            total=cfg.optim.steps, disable=not progress, desc="editing", unit="step", dynamic_ncols=True
-        )
-        try:
-            with engine.kernels():
-                for step in range(cfg.optim.steps):
-                    examples = [
-                        (draw_example(source, cfg.data, gen, generator.min_side, engine.bucket), None)
-                    ]
-                    if step % cfg.data.source_every == 0:
-                        examples.append((source, ("source",)))  # the un-augmented input: cacheable
-                    terms: dict[str, torch.Tensor] = {}
-                    with engine.autocast():
-                        for example, key in examples:
-                            layers = Layers.from_rgba(run_generator(example).float(), example)
-                            for k, v in objective(layers, step, gen, cache_key=key).items():
-                                terms[k] = terms.get(k, 0) + v / len(examples)
-                    engine.step(opt, terms["loss"])
-                    sched.step()
-                    record = {k: float(v.detach()) for k, v in terms.items()}
-                    history.append(record)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()}, refresh=False)
-                    bar.update()
-                    if on_step:
-                        on_step(step, record)
-                    if on_preview and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
-                        on_preview(step, self.render(generator, source)[0][0].cpu())
-        except KeyboardInterrupt:
-            interrupted = True
-            log.warning("interrupted after %d steps: keeping the current result", len(history))
-        finally:
-            bar.close()
         return self._result(cfg, generator, source, history, interrupted, clip.is_test_model)
 
     @staticmethod

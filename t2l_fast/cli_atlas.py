@@ -1,0 +1,133 @@
+"""``t2l-fast atlas VIDEO``: fit a layered atlas to a video in minutes (registered by t2l_fast.cli)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import typer
+
+from .io import InputError, atomic_path, check_output_dir, save_png
+
+NO_MASKS_NOTE = (
+    "note: no --masks given: fitting a background-only atlas (alpha = 0, blank foreground atlas); "
+    "background edits work, foreground edits need masks (--masks DIR: one PNG per frame, 255 = object)"
+)
+OUTPUTS = (
+    "atlas.safetensors",
+    "reconstruction.mp4",
+    "alpha.mp4",
+    "background_atlas.png",
+    "foreground_atlas.png",
+    "fit_stats.json",
+)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'768x432' -> (768, 432); raises InputError for anything else."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not m or int(m.group(1)) < 8 or int(m.group(2)) < 8:
+        raise InputError(
+            f"--size must be WIDTHxHEIGHT with sides of at least 8 px, e.g. 768x432 (got {text!r})"
+        )
+    return int(m.group(1)), int(m.group(2))
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def atlas(
+    video: Path = typer.Argument(..., help="The video: a file (mp4, mov, ...) or a folder of frames."),
+    masks: Path = typer.Option(
+        None, "--masks", "-m", help="Folder of per-frame object masks (PNG, 255 = object), DAVIS style."
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: atlas_<video name>)."),
+    iterations: int = typer.Option(2000, help="Optimisation steps."),
+    size: str = typer.Option("768x432", help="Frame size WIDTHxHEIGHT the atlas is fitted at."),
+    frames: int = typer.Option(None, "--frames", "-n", help="Use only the first N frames."),
+    batch: int = typer.Option(None, help="Pixels per step (default 65536 on CUDA, 8192 on the CPU)."),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
+) -> None:
+    """Fit a layered neural atlas (background + foreground) to VIDEO; writes the atlas for video edits,
+    a reconstruction video, the atlas images and the fit's PSNR to OUT. Rerun to resume."""
+    from .fit import CHECKPOINT_NAME, FitConfig, fit_atlas, read_masks, reconstruct
+    from .video_io import read_video, write_video
+
+    out = out or Path(f"atlas_{video.stem or 'video'}")
+    try:
+        if device != "auto" and device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+            raise InputError(f"--device {device!r} is not one of auto, cuda, cuda:N, cpu")
+        if iterations < 0:
+            raise InputError(f"--iterations must be >= 0 (got {iterations})")
+        if frames is not None and frames < 3:
+            raise InputError(f"--frames must be at least 3 (got {frames})")
+        wh = parse_size(size)
+        check_output_dir(out)
+        if masks is not None and not masks.is_dir():
+            raise InputError(f"--masks {masks} is not a folder of mask images")
+        video_frames, fps = read_video(video, max_frames=frames, size=wh)
+        t = video_frames.shape[0]
+        if t < 3:
+            raise InputError(f"{video} has {t} frame(s); fitting an atlas needs at least 3")
+        mask_tensor = None
+        if masks is not None:
+            native, _ = read_video(video, max_frames=1, size=None)
+            native_size = (native.shape[3], native.shape[2])
+            mask_tensor = read_masks(
+                masks, t, wh, native_size, frames_truncated=frames is not None and t == frames
+            )
+        cfg = FitConfig(iterations=iterations, batch=batch)
+    except InputError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted before fitting started; nothing written", 130) from None
+
+    if mask_tensor is None:
+        typer.echo(NO_MASKS_NOTE, err=True)
+    out.mkdir(parents=True, exist_ok=True)
+    resuming = (out / CHECKPOINT_NAME).is_file()
+    typer.echo(
+        f"fitting an atlas to {t} frames of {wh[0]}x{wh[1]} from {video} for {iterations} iterations"
+        + (f" (resuming from {out / CHECKPOINT_NAME})" if resuming else ""),
+        err=True,
+    )
+    source = {"video": str(video), "masks": str(masks) if masks else None, "fps": fps}
+    try:
+        result, stats = fit_atlas(
+            video_frames,
+            mask_tensor,
+            cfg,
+            device=device,
+            progress=True,
+            resume_dir=out,
+            meta={"source": source},
+        )
+    except InputError as exc:
+        raise _fail(str(exc)) from None
+
+    try:
+        result.save(out / "atlas.safetensors")
+        write_video(out / "reconstruction.mp4", reconstruct(result), fps)
+        write_video(out / "alpha.mp4", result.alpha[:, None].expand(-1, 3, -1, -1), fps)
+        save_png(result.background_atlas, out / "background_atlas.png")
+        save_png(result.foreground_atlas, out / "foreground_atlas.png")
+        with atomic_path(out / "fit_stats.json") as tmp:
+            tmp.write_text(json.dumps({"source": source, "size": list(wh), **stats.to_json()}, indent=1))
+    except KeyboardInterrupt:
+        raise _fail("interrupted while writing; files already written are whole", 130) from None
+    typer.echo(
+        f"reconstruction PSNR {stats.psnr:.2f} dB after {stats.iterations} iterations "
+        f"({stats.fit_seconds:.0f} s fitting, {stats.flow_seconds:.0f} s flow)"
+    )
+    if stats.interrupted:
+        typer.echo(
+            f"interrupted at iteration {stats.iterations}: rerun the same command to continue", err=True
+        )
+    if mask_tensor is None:
+        typer.echo("note: background-only atlas: foreground edits need --masks", err=True)
+    typer.echo(f"wrote {len(OUTPUTS)} files to {out}/")
+    if stats.interrupted:
+        raise typer.Exit(130)

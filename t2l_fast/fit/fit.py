@@ -1,0 +1,587 @@
+"""Fit a layered atlas (background + one foreground) to a video in minutes: :func:`fit_atlas`.
+
+The losses are NLA's (Kasten et al. 2021), on the grid model of :mod:`t2l_fast.fit.model`; each step
+draws ``batch`` random pixels p (a quarter from around the masks) and evaluates the model at p, at its
+right and lower neighbours, and at the ends of its forward and backward flow vectors (one call per grid
+for all five point sets: fixed shapes, so the step compiles):
+
+    rgb          |I(p) - Î(p)|²                                         reconstruction
+    gradient     |∂x I - ∂x Î|² + |∂y I - ∂y Î|²  (1-pixel differences)  colour gradients
+    flow         A·|M_fg(p+f, t±1) - M_fg(p, t)| + (1-A)·|M_bg(..) - M_bg(..)|, in pixels, on consistent flow
+    alpha_flow   |A(p+f, t±1) - A(p, t)|                                 alpha follows the flow
+    rigidity     |JᵀJ|_F + |(JᵀJ)⁻¹|_F - 2√2, J = ∂M/∂p in pixels/pixel   locally rigid mappings
+    sparsity     (1-A)·|C_fg(M_fg)|²                                    foreground atlas blank where unused
+    bootstrap    BCE(A, mask), during the first ``bootstrap_until`` (15%) of the iterations
+
+Weights are NLA's divided by its rgb weight 5000 (rgb 1, gradient 0.2, flow 1e-3, alpha flow ≈ 0.01,
+rigidity 2e-4, sparsity 0.2, bootstrap 0.4). Adam with per-group learning rates decaying
+exponentially to ``lr_final`` of their start value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from t2l_fast.io import InputError, atomic_path
+from t2l_fast.models.atlas import AtlasData
+
+from .flow import FlowField, chain_similarities, compute_flow
+from .model import LayeredGridModel
+
+log = logging.getLogger(__name__)
+
+#: Name of the resumable training state inside ``resume_dir``.
+CHECKPOINT_NAME = "fit_state.pt"
+#: Atlas resolution R of the reference at 768×432 frames; scaled with the frame size by default.
+REFERENCE_GRID = 2000
+REFERENCE_SIZE = 768
+#: Weight of the NLA rigidity term when J is a rotation: |I|_F + |I|_F = 2√2 (subtracted for display).
+_RIGID_MIN = 2.0 * math.sqrt(2.0)
+
+
+@dataclass
+class FitConfig:
+    """Settings of :func:`fit_atlas`. Fields marked (shape) change the model and must match on resume."""
+
+    iterations: int = 2000
+    batch: int | None = None  # pixels per step; None: 65536 on CUDA, 8192 on the CPU
+    seed: int = 0
+    # learning rates (Adam) and their decay
+    lr_texture: float = 0.03
+    lr_alpha: float = 0.1
+    lr_residual: float = 1e-3
+    lr_affine: float = 3e-4
+    lr_final: float = 0.1  # the learning rates decay exponentially to this fraction
+    # loss weights (NLA's / 5000)
+    w_rgb: float = 1.0
+    w_gradient: float = 0.2
+    w_flow: float = 1e-3
+    w_alpha_flow: float = 0.01
+    w_rigidity: float = 2e-4
+    w_sparsity: float = 0.2
+    w_bootstrap: float = 0.4
+    bootstrap_until: float = 0.15  # fraction of the iterations with the mask bootstrap
+    foreground_samples: float = 0.25  # fraction of each batch drawn from around the masks
+    # model (shape)
+    residual_cells: tuple[float, ...] = (64.0, 16.0)
+    alpha_cells: tuple[float, ...] = (16.0, 4.0, 1.0)
+    texture_levels: int = 3
+    max_scale: float = 0.8  # NLA's uv_mapping_scale: frame width -> 0.8 of the atlas side at most
+    # flow and output
+    flow_preset: str = "medium"
+    grid: int | None = None  # atlas resolution R; None: 2000 · max(W, H) / 768
+    save_every: int = 250  # checkpoint period (iterations) when resume_dir is given
+    compile: str = "auto"  # "auto" (CUDA only), "on", "off"
+    log_every: int = 25  # progress-bar refresh period
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise InputError(f"iterations must be >= 0, got {self.iterations}")
+        if self.batch is not None and self.batch < 16:
+            raise InputError(f"batch must be >= 16, got {self.batch}")
+        if self.compile not in ("auto", "on", "off"):
+            raise InputError(f"compile must be auto, on or off, got {self.compile!r}")
+        self.residual_cells = tuple(float(c) for c in self.residual_cells)
+        self.alpha_cells = tuple(float(c) for c in self.alpha_cells)
+
+    def shape_key(self) -> dict:
+        """The settings a checkpoint must agree on to be resumed."""
+        return {
+            "residual_cells": list(self.residual_cells),
+            "alpha_cells": list(self.alpha_cells),
+            "texture_levels": self.texture_levels,
+            "max_scale": self.max_scale,
+            "seed": self.seed,
+            "flow_preset": self.flow_preset,
+        }
+
+
+@dataclass
+class FitStats:
+    """What a fit did and how well: PSNRs in dB of the exported (discretised) atlas against the frames."""
+
+    psnr: float = float("nan")
+    psnr_per_frame: list[float] = field(default_factory=list)
+    train_psnr: float = float("nan")  # batch PSNR over the last ``log_every`` steps of training
+    iterations: int = 0  # iterations done in total (all runs)
+    start_iteration: int = 0  # where this run started (> 0 when resumed)
+    interrupted: bool = False
+    has_foreground: bool = False
+    fit_seconds: float = 0.0  # this run's optimisation
+    flow_seconds: float = 0.0
+    export_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    flow_consistent: float = float("nan")  # fraction of flow vectors passing the check
+    grid: int = 0
+    device: str = "cpu"
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, seconds, psnr)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_float(frames: torch.Tensor) -> torch.Tensor:
+    return frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
+
+
+def _as_uint8(frames: torch.Tensor) -> torch.Tensor:
+    if frames.dtype == torch.uint8:
+        return frames
+    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def check_inputs(frames: torch.Tensor, masks: torch.Tensor | None) -> None:
+    """Raise :class:`InputError` for fewer than 3 frames, masks of the wrong shape, or masks that are
+    empty in every frame. frames (T, 3, H, W); masks (T, H, W)."""
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise InputError(f"frames must be (T, 3, H, W) RGB, got {tuple(frames.shape)}")
+    t, _, h, w = frames.shape
+    if t < 3:
+        raise InputError(f"the video has {t} frame(s); fitting an atlas needs at least 3")
+    if h < 8 or w < 8:
+        raise InputError(f"frames of {w}x{h} are too small to fit an atlas (at least 8x8)")
+    if masks is None:
+        return
+    if masks.dim() != 3 or masks.shape[0] != t:
+        raise InputError(f"{masks.shape[0] if masks.dim() else 0} masks given for {t} frames")
+    if tuple(masks.shape[1:]) != (h, w):
+        raise InputError(f"masks are {masks.shape[2]}x{masks.shape[1]} but frames are {w}x{h}")
+    if not bool((masks > 0.5).any()):
+        raise InputError(
+            "the masks are empty in every frame: a foreground layer needs the object marked in at least one"
+        )
+
+
+def _fingerprint(frames: torch.Tensor, masks: torch.Tensor | None, cfg: FitConfig) -> str:
+    h = hashlib.sha1()
+    h.update(str(tuple(frames.shape)).encode())
+    h.update(_as_uint8(frames).cpu().contiguous().numpy().tobytes())
+    if masks is not None:
+        h.update((masks > 0.5).cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps(cfg.shape_key(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def default_grid(height: int, width: int) -> int:
+    """Atlas resolution R for frames of this size: 2000 at 768 px (the reference), proportional."""
+    return max(64, round(REFERENCE_GRID * max(height, width) / REFERENCE_SIZE))
+
+
+# ----------------------------------------------------------------------------------------------
+# The losses of one step
+# ----------------------------------------------------------------------------------------------
+
+
+class _Data:
+    """The video on the device in the layouts a step gathers from."""
+
+    def __init__(self, frames: torch.Tensor, masks: torch.Tensor | None, flow: FlowField, device) -> None:
+        self.frames = _as_float(frames).to(device).permute(0, 2, 3, 1).contiguous()  # (T, H, W, 3)
+        self.t, self.h, self.w = self.frames.shape[:3]
+        self.masks = None if masks is None else (masks > 0.5).float().to(device)  # (T, H, W)
+        fl = flow.to(device)
+        self.fwd, self.bwd = fl.forward, fl.backward  # (T-1, H, W, 2)
+        self.fwd_ok, self.bwd_ok = fl.forward_ok.float(), fl.backward_ok.float()  # (T-1, H, W)
+        self.fg_index = None
+        if self.masks is not None:
+            grown = F.max_pool2d(self.masks[:, None], kernel_size=9, stride=1, padding=4)[:, 0]
+            self.fg_index = torch.nonzero(grown.flatten() > 0).flatten()  # flat (t, y, x) indices
+
+
+def _rigidity(m0: torch.Tensor, mx: torch.Tensor, my: torch.Tensor, px_per_m: float) -> torch.Tensor:
+    """NLA's rigidity of a mapping from 1-pixel differences -> (N,), 0 for a rotation.
+
+    m0, mx, my (N, 2): M at p, p + x̂, p + ŷ; J = [M(p+x̂) - M(p), M(p+ŷ) - M(p)] in pixels per pixel.
+    """
+    j = torch.stack([mx - m0, my - m0], dim=-1) * px_per_m  # (N, 2, 2): columns ∂/∂x, ∂/∂y
+    jtj = j.transpose(1, 2) @ j
+    a, b = jtj[:, 0, 0] + 1e-3, jtj[:, 0, 1]
+    c, d = jtj[:, 1, 0], jtj[:, 1, 1] + 1e-3
+    det = (a * d - b * c).clamp_min(1e-8)
+    norm = (a.square() + b.square() + c.square() + d.square()).sqrt()
+    return norm + norm / det - _RIGID_MIN  # |JᵀJ|_F + |(JᵀJ)⁻¹|_F (the inverse has the same entries / det)
+
+
+def _step_losses(
+    model: LayeredGridModel, data: _Data, cfg: FitConfig, n: int, w_boot: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sample ``n`` pixels, evaluate every loss; returns (total, parts incl. 'mse')."""
+    dev = data.frames.device
+    t_, h, w = data.t, data.h, data.w
+    n_fg = int(n * cfg.foreground_samples) if data.fg_index is not None else 0
+    flat = torch.randint(0, t_ * h * w, (n - n_fg,), device=dev)
+    if n_fg:
+        pick = torch.randint(0, data.fg_index.numel(), (n_fg,), device=dev)
+        flat = torch.cat([flat, data.fg_index[pick]])
+    t, rem = flat // (h * w), flat % (h * w)
+    y, x = rem // w, rem % w
+    xp, yp = (x + 1).clamp(max=w - 1), (y + 1).clamp(max=h - 1)
+    tf = t.clamp(max=t_ - 2)  # forward flow t -> t+1 (invalid for the last frame)
+    tb = (t - 1).clamp(min=0)  # backward flow t -> t-1 is bwd[t-1] (invalid for frame 0)
+    f = data.fwd[tf, y, x]  # (n, 2)
+    b = data.bwd[tb, y, x]
+    ok_f = data.fwd_ok[tf, y, x] * (t < t_ - 1).float()
+    ok_b = data.bwd_ok[tb, y, x] * (t > 0).float()
+    tfl, xf, yf = t.float(), x.float(), y.float()
+    pts = torch.cat(
+        [
+            torch.stack([xf, yf, tfl], 1),
+            torch.stack([xp.float(), yf, tfl], 1),
+            torch.stack([xf, yp.float(), tfl], 1),
+            torch.stack([xf + f[:, 0], yf + f[:, 1], (t + 1).clamp(max=t_ - 1).float()], 1),
+            torch.stack([xf + b[:, 0], yf + b[:, 1], tb.float()], 1),
+        ]
+    )  # (5n, 3): p, p + x̂, p + ŷ, p + forward flow, p + backward flow
+    g3 = model._grid3(pts)
+    target = data.frames[t, y, x]  # (n, 3)
+    dx_gt = data.frames[t, y, xp] - target
+    dy_gt = data.frames[t, yp, x] - target
+    maps = {layer: model.mapping(layer, pts, g3) for layer in model.layers}
+    has_fg = "foreground" in model.layers
+    alpha = model.alpha(pts, g3) if has_fg else None  # (5n,)
+
+    c_bg = model.colour("background", maps["background"][: 3 * n])  # (3n, 3)
+    if has_fg:
+        c_fg = model.colour("foreground", maps["foreground"][: 3 * n])
+        a3 = alpha[: 3 * n, None]
+        rec = a3 * c_fg + (1 - a3) * c_bg
+    else:
+        rec = c_bg
+    r0, rx, ry = rec[:n], rec[n : 2 * n], rec[2 * n :]
+    parts: dict[str, torch.Tensor] = {}
+    mse = (r0 - target).square().sum(-1).mean()
+    parts["rgb"] = mse
+    parts["mse"] = mse.detach() / 3
+    grad_x = ((rx - r0) - dx_gt).square().sum(-1).mean()
+    parts["gradient"] = grad_x + ((ry - r0) - dy_gt).square().sum(-1).mean()
+
+    inner = ((x < w - 1) & (y < h - 1)).float()
+    okf_sum, okb_sum = ok_f.sum().clamp_min(1), ok_b.sum().clamp_min(1)
+    flow_loss = torch.zeros((), device=dev)
+    rigid = torch.zeros((), device=dev)
+    a0 = alpha[:n] if has_fg else torch.zeros(n, device=dev)
+    for layer, m in maps.items():
+        m0, mx, my, mf, mb = m.split(n)
+        weight = a0 if layer == "foreground" else 1 - a0
+        scale = model.px_per_m(layer)
+        ef = (mf - m0).norm(dim=-1) * scale
+        eb = (mb - m0).norm(dim=-1) * scale
+        flow_f = (ef * weight * ok_f).sum() / okf_sum
+        flow_loss = flow_loss + 0.5 * (flow_f + (eb * weight * ok_b).sum() / okb_sum)
+        rigid = rigid + (_rigidity(m0, mx, my, scale) * inner).sum() / inner.sum().clamp_min(1)
+    parts["flow"] = flow_loss
+    parts["rigidity"] = rigid
+    if has_fg:
+        _, _, _, af, ab = alpha.split(n)
+        parts["alpha_flow"] = 0.5 * (
+            ((af - a0).abs() * ok_f).sum() / okf_sum + ((ab - a0).abs() * ok_b).sum() / okb_sum
+        )
+        parts["sparsity"] = ((1 - a0) * c_fg[:n].square().sum(-1)).mean()
+        mask = data.masks[t, y, x]
+        parts["bootstrap"] = F.binary_cross_entropy(a0.clamp(1e-4, 1 - 1e-4), mask)
+    total = (
+        cfg.w_rgb * parts["rgb"]
+        + cfg.w_gradient * parts["gradient"]
+        + cfg.w_flow * parts["flow"]
+        + cfg.w_rigidity * parts["rigidity"]
+    )
+    if has_fg:
+        total = (
+            total
+            + cfg.w_alpha_flow * parts["alpha_flow"]
+            + cfg.w_sparsity * parts["sparsity"]
+            + w_boot * parts["bootstrap"]
+        )
+    return total, parts
+
+
+def _psnr(mse: float) -> float:
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def reconstruction_psnr(atlas: AtlasData, frames: torch.Tensor) -> tuple[float, list[float]]:
+    """PSNR (dB) of the atlas's reconstruction A·fg + (1-A)·bg against ``frames`` (T, 3, H, W):
+    over the whole video and per frame."""
+    per = []
+    sq = 0.0
+    target = _as_float(frames)
+    for t0 in range(0, atlas.num_frames, 8):
+        sub = AtlasData(
+            atlas.uv_background[t0 : t0 + 8],
+            atlas.uv_foreground[t0 : t0 + 8],
+            atlas.alpha[t0 : t0 + 8],
+            atlas.background_atlas,
+            atlas.foreground_atlas,
+            atlas.background_box,
+            atlas.foreground_box,
+            atlas.grid,
+        )
+        rec = sub.composite(sub.sample("foreground"), sub.sample("background")).clamp(0, 1)
+        err = (rec - target[t0 : t0 + 8].to(rec.device)).square().flatten(1).mean(1)  # (n,)
+        per += [_psnr(float(e)) for e in err]
+        sq += float(err.sum())
+    return _psnr(sq / atlas.num_frames), per
+
+
+def reconstruct(atlas: AtlasData) -> torch.Tensor:
+    """The atlas's reconstruction of the video: (T, 3, H, W) float in [0, 1]."""
+    return atlas.composite(atlas.sample("foreground"), atlas.sample("background")).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fit
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use cpu)")
+    return dev
+
+
+def _param_groups(model: LayeredGridModel, cfg: FitConfig) -> list[dict]:
+    groups = [
+        {"params": list(model.affine.parameters()), "lr": cfg.lr_affine, "name": "affine"},
+        {"params": list(model.residual.parameters()), "lr": cfg.lr_residual, "name": "residual"},
+        {"params": list(model.texture.parameters()), "lr": cfg.lr_texture, "name": "texture"},
+    ]
+    if len(model.alpha_logits):
+        groups.append({"params": list(model.alpha_logits.parameters()), "lr": cfg.lr_alpha, "name": "alpha"})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return groups
+
+
+def _save_state(path: Path, model, opt, iteration: int, fingerprint: str, stats: FitStats) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "iteration": iteration,
+        "fingerprint": fingerprint,
+        "history": stats.history,
+        "rng": torch.get_rng_state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    log.debug("saved fit state at iteration %d to %s", iteration, path)
+
+
+def _load_state(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say so, never train over it silently
+        raise InputError(f"cannot read the fit checkpoint {path} ({type(e).__name__}); delete it") from e
+    if state.get("fingerprint") != fingerprint:
+        raise InputError(
+            f"{path} was saved for another video, masks or model settings: "
+            "use another output folder or delete the checkpoint to start over"
+        )
+    return state
+
+
+def fit_atlas(
+    frames: torch.Tensor,
+    masks: torch.Tensor | None = None,
+    config: FitConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    resume_dir: str | os.PathLike | None = None,
+    flow: FlowField | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    meta: dict | None = None,
+) -> tuple[AtlasData, FitStats]:
+    """Fit a layered neural atlas (background + one foreground, or background only) to a video.
+
+    Args:
+        frames: (T, 3, H, W) uint8 (or float in [0, 1]) RGB, T >= 3.
+        masks: (T, H, W) foreground masks (bool/float, > 0.5 = object), or None for a background-only
+            atlas (alpha 0 everywhere, blank foreground atlas).
+        config: :class:`FitConfig` (defaults if None).
+        device: "cpu", "cuda", "cuda:N" or None/"auto".
+        progress: show a tqdm bar with the running PSNR.
+        resume_dir: folder of the resumable state ``fit_state.pt``: loaded when present (same video,
+            masks and model settings, else :class:`InputError`), saved every ``save_every`` iterations,
+            at the end and on Ctrl-C.
+        flow: precomputed :func:`~t2l_fast.fit.flow.compute_flow` of ``frames`` (computed if None).
+        on_step: called as ``on_step(iteration_done, batch_psnr)`` after every step.
+        meta: extra JSON-serialisable information stored in the atlas's ``meta``.
+    Returns:
+        (atlas, stats): the exported :class:`AtlasData` on ``device`` and :class:`FitStats`. On Ctrl-C the
+        state is saved, and the atlas of the iterations done so far is returned with
+        ``stats.interrupted = True``.
+    Raises:
+        InputError: fewer than 3 frames, masks of the wrong count/size, masks empty in every frame, an
+            unusable checkpoint in ``resume_dir``, CUDA asked for but absent.
+    """
+    cfg = config or FitConfig()
+    check_inputs(frames, masks)
+    dev = _resolve_device(device)
+    t_, _, h, w = frames.shape
+    has_fg = masks is not None
+    grid = cfg.grid or default_grid(h, w)
+    stats = FitStats(has_foreground=has_fg, grid=grid, device=str(dev))
+    ckpt_path = Path(resume_dir) / CHECKPOINT_NAME if resume_dir is not None else None
+    fingerprint = _fingerprint(frames, masks, cfg)
+    state = _load_state(ckpt_path, fingerprint) if ckpt_path is not None else None
+
+    if flow is None:
+        flow = compute_flow(_as_uint8(frames), cfg.flow_preset)
+    stats.flow_seconds, stats.flow_consistent = flow.seconds, flow.consistent_fraction
+
+    # initial mappings: chained similarities of the background (outside the grown masks) and the object
+    masks_b = None if masks is None else masks.cpu() > 0.5
+    half = max(h, w) / 2.0
+    region_bg = None
+    if masks_b is not None:
+        grown = F.max_pool2d(masks_b.float()[:, None], kernel_size=15, stride=1, padding=7)[:, 0] > 0
+        region_bg = ~grown[:-1]
+    transforms = {"background": chain_similarities(flow, region_bg, half, seed=cfg.seed)}
+    if has_fg:
+        transforms["foreground"] = chain_similarities(flow, masks_b[:-1], half, seed=cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = LayeredGridModel(
+            t_,
+            h,
+            w,
+            transforms,
+            with_foreground=has_fg,
+            residual_cells=cfg.residual_cells,
+            alpha_cells=cfg.alpha_cells,
+            texture_levels=cfg.texture_levels,
+            init_alpha=None if masks_b is None else masks_b.float(),
+            max_scale=cfg.max_scale,
+        ).to(dev)
+    opt = torch.optim.Adam(_param_groups(model, cfg), betas=(0.9, 0.99), eps=1e-15)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["iteration"])
+        stats.history = [tuple(hh) for hh in state.get("history", [])]
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+        log.info("resuming the fit from iteration %d (%s)", start, ckpt_path)
+    else:
+        torch.manual_seed(cfg.seed)
+    stats.start_iteration = start
+    total = max(cfg.iterations, start)
+
+    data = _Data(frames, masks, flow, dev)
+    batch = cfg.batch or (65536 if dev.type == "cuda" else 8192)
+    step_fn = _step_losses
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and dev.type == "cuda")
+    if use_compile:
+        step_fn = torch.compile(_step_losses, dynamic=False)
+
+    bar = None
+    if progress and start < total:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="atlas fit", unit="it", dynamic_ncols=True)
+    run_start = time.perf_counter()
+    it = start
+    mse_avg = None
+    mse_sum, mse_n = torch.zeros((), device=dev), 0
+    w_boot = torch.zeros((), device=dev)
+    try:
+        while it < total:
+            frac = it / max(cfg.iterations, 1)
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * cfg.lr_final ** min(frac, 1.0)
+            w_boot.fill_(cfg.w_bootstrap if frac < cfg.bootstrap_until else 0.0)
+            t0 = time.perf_counter()
+            try:
+                loss, parts = step_fn(model, data, cfg, batch, w_boot)
+            except Exception as e:  # a compiler failure must not cost the fit: fall back to eager once
+                if step_fn is _step_losses or it > start:
+                    raise
+                log.warning("torch.compile failed (%s); fitting in eager mode", str(e).splitlines()[0][:200])
+                step_fn, use_compile = _step_losses, False
+                loss, parts = step_fn(model, data, cfg, batch, w_boot)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            it += 1
+            if use_compile and it == start + 1:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                stats.compile_seconds = time.perf_counter() - t0
+                run_start = time.perf_counter()  # the compile warm-up is not fit time
+            mse_sum = mse_sum + parts["mse"]  # on the device: no sync per step
+            mse_n += 1
+            if it % cfg.log_every == 0 or it == total or on_step is not None:
+                mse_avg = float(mse_sum) / mse_n  # the mean over the steps since the last report
+                mse_sum, mse_n = torch.zeros((), device=dev), 0
+                psnr = _psnr(mse_avg)
+                if it % cfg.log_every == 0 or it == total:
+                    stats.history.append((it, round(time.perf_counter() - run_start, 3), round(psnr, 3)))
+                    if bar is not None:
+                        bar.set_postfix(psnr=f"{psnr:.2f}dB", refresh=False)
+                if on_step is not None:
+                    on_step(it, psnr)
+            if bar is not None:
+                bar.update(1)
+            if ckpt_path is not None and cfg.save_every > 0 and it % cfg.save_every == 0 and it < total:
+                _save_state(ckpt_path, model, opt, it, fingerprint, stats)
+    except KeyboardInterrupt:
+        stats.interrupted = True
+        log.warning("interrupted at iteration %d of %d", it, total)
+    finally:
+        if bar is not None:
+            bar.close()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    stats.fit_seconds = time.perf_counter() - run_start
+    stats.iterations = it
+    stats.train_psnr = _psnr(mse_avg) if mse_avg is not None else float("nan")
+    if ckpt_path is not None:
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C must not lose the state
+            Path(resume_dir).mkdir(parents=True, exist_ok=True)
+            _save_state(ckpt_path, model, opt, it, fingerprint, stats)
+
+    t0 = time.perf_counter()
+    model.eval()
+    atlas = model.export(grid)
+    stats.psnr, stats.psnr_per_frame = reconstruction_psnr(atlas, frames)
+    stats.export_seconds = time.perf_counter() - t0
+    atlas.meta = {
+        "trained_frames": t_,
+        "frame_size": [w, h],
+        "has_foreground": has_fg,
+        "iterations": it,
+        "psnr": round(stats.psnr, 3),
+        "fitter": "t2l_fast.fit",
+        **(meta or {}),
+    }
+    log.info(
+        "atlas fit: %d iterations (%d this run) in %.1f s, reconstruction PSNR %.2f dB",
+        it,
+        it - start,
+        stats.fit_seconds,
+        stats.psnr,
+    )
+    return atlas, stats
