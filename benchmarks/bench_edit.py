@@ -1,10 +1,13 @@
 """End-to-end edit benchmark: the faithful baseline (reference mode) and the fast path in one process.
 
-    python benchmarks/bench_edit.py [--steps 40] [--warmup 8] [--size 512] [--modes reference,fast]
-                                    [--kernel-ablation] [--out benchmarks/results] [--smoke]
+    python benchmarks/bench_edit.py [--preset image|video] [--steps 40] [--warmup 8] [--size 512]
+                                    [--modes reference,fast] [--kernel-ablation] [--out benchmarks/results]
+                                    [--smoke]
 
 Runs ``--warmup + --steps`` steps of the image preset (16 views, ROI prompt so the directional loss
-and the relevancy bootstrap are on) per mode, with a CLIP of the real ViT-B/32 architecture and
+and the relevancy bootstrap are on; 512² short side) or of the video preset (6 views, a synthetic
+70-frame 768x432 two-layer video with a known atlas, background layer, 3000-step projection) per
+mode, with a CLIP of the real ViT-B/32 architecture and
 RANDOM weights (speed does not depend on weight values; the edits are meaningless). Reports per
 mode: median ms/step after warm-up (p20/p80), warm-up/compile seconds, the projected seconds of a
 full 1000-step edit, peak GPU memory, FLOPs per step (torch's flop counter, one eager step) and the
@@ -36,8 +39,10 @@ from common import device_peak_flops, metadata, quantiles  # noqa: E402
 
 from t2l_fast import ImageEditor, preset  # noqa: E402
 from t2l_fast.models.clip import Clip, build_test_tiny  # noqa: E402
+from t2l_fast.pipeline.video import VideoEditor  # noqa: E402
+from t2l_fast.synthetic import two_layer_scene  # noqa: E402
 
-FULL_EDIT_STEPS = 1000
+FULL_EDIT_STEPS = {"image": 1000, "video": 3000}
 
 
 def random_vit_b32(device: torch.device) -> Clip:
@@ -59,8 +64,8 @@ def synthetic_image(size: int) -> torch.Tensor:
     )
 
 
-def make_config(mode: str, steps: int, size: int, smoke: bool):
-    cfg = preset("image")
+def make_config(mode: str, steps: int, size: int, smoke: bool, kind: str = "image"):
+    cfg = preset(kind)
     cfg.prompt, cfg.roi_prompt = "a golden horse", "horse"
     cfg.optim.steps = steps
     cfg.data.size = size
@@ -77,23 +82,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(clip: Clip, image: torch.Tensor, size: int, device: torch.device, smoke: bool) -> float:
-    """FLOPs of one training step (one example): an eager 2-step run minus a 1-step run."""
+def make_input(kind: str, size: int, smoke: bool):
+    """The image, or (frames, atlas) of a synthetic two-layer video with a known atlas."""
+    if kind == "image":
+        return synthetic_image(size)
+    t, h, w = (6, 64, 96) if smoke else (70, 432, 768)
+    data, frames = two_layer_scene(t=t, h=h, w=w, grid=128 if smoke else 2000, sprite=20 if smoke else 120)
+    return frames, data
+
+
+def edit_once(kind: str, cfg, device, clip, inputs, on_step=None):
+    if kind == "image":
+        editor = ImageEditor(cfg, device=device, clip=clip)
+        return editor, editor(inputs, on_step=on_step)
+    frames, data = inputs
+    editor = VideoEditor(cfg, device=device, clip=clip)
+    return editor, editor(frames, atlas=data, on_step=on_step)
+
+
+def count_flops(clip: Clip, inputs, args, device: torch.device) -> float:
+    """FLOPs of one ordinary training step: an eager 2-step run minus a 1-step run."""
     from torch.utils.flop_counter import FlopCounterMode
 
     totals = []
     for steps in (1, 2):
-        cfg = make_config("reference", steps, size, smoke)
+        cfg = make_config("reference", steps, args.size, args.smoke, args.preset)
         cfg.data.source_every = 1000
         counter = FlopCounterMode(display=False)
         with counter:
-            ImageEditor(cfg, device=device, clip=clip)(image)
+            edit_once(args.preset, cfg, device, clip, inputs)
         totals.append(counter.get_total_flops())
     return float(totals[1] - totals[0])
 
 
-def run_mode(mode: str, clip: Clip, image: torch.Tensor, args, device: torch.device) -> dict:
-    cfg = make_config(mode, args.warmup + args.steps, args.size, args.smoke)
+def run_mode(mode: str, clip: Clip, inputs, args, device: torch.device) -> dict:
+    cfg = make_config(mode, args.warmup + args.steps, args.size, args.smoke, args.preset)
     previous = os.environ.get("T2L_KERNELS")
     if mode == "fast-torch-kernels":
         os.environ["T2L_KERNELS"] = "torch"
@@ -101,7 +124,6 @@ def run_mode(mode: str, clip: Clip, image: torch.Tensor, args, device: torch.dev
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    editor = ImageEditor(cfg, device=device, clip=clip)
 
     def on_step(step: int, record: dict) -> None:
         _sync(device)
@@ -110,7 +132,7 @@ def run_mode(mode: str, clip: Clip, image: torch.Tensor, args, device: torch.dev
     try:
         _sync(device)
         start = time.perf_counter()
-        result = editor(image, on_step=on_step)
+        editor, result = edit_once(args.preset, cfg, device, clip, inputs, on_step)
     finally:
         if previous is None:
             os.environ.pop("T2L_KERNELS", None)
@@ -130,7 +152,7 @@ def run_mode(mode: str, clip: Clip, image: torch.Tensor, args, device: torch.dev
         "ms_per_step_p80": 1e3 * p80,
         "warmup_s": warmup_s,
         "compile_s": max(0.0, warmup_s - args.warmup * median),
-        "projected_edit_s": warmup_s + (FULL_EDIT_STEPS - args.warmup) * median,
+        "projected_edit_s": warmup_s + (FULL_EDIT_STEPS[args.preset] - args.warmup) * median,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "nonfinite_steps": editor.engine.nonfinite_steps,
         "final_loss": result.losses[-1]["loss"],
@@ -140,14 +162,14 @@ def run_mode(mode: str, clip: Clip, image: torch.Tensor, args, device: torch.dev
 def markdown(report: dict) -> str:
     m = report["meta"]
     lines = [
-        f"# End-to-end image edit benchmark ({m['device']})",
+        f"# End-to-end {report['preset']} edit benchmark ({m['device']})",
         "",
         f"torch {m['torch']}, triton {m['triton']}, commit {m['commit']}, {m['timestamp']}. "
-        f"CLIP: {report['clip']}. Image {report['image_size']}, {report['views']} views, "
+        f"CLIP: {report['clip']}. Input {report['input']}, {report['views']} views, "
         f"{report['steps_timed']} timed steps after {report['warmup']} warm-up steps.",
         "",
-        "| mode | engine | ms/step median (p20–p80) | warm-up/compile s | projected 1000-step edit s "
-        "| peak GB | TFLOP/s | % of peak |",
+        "| mode | engine | ms/step median (p20–p80) | warm-up/compile s "
+        f"| projected {report['full_steps']}-step edit s | peak GB | TFLOP/s | % of peak |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["modes"]:
@@ -163,7 +185,7 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             f"Fast/reference speed-up: {s['per_step']:.1f}x per step, "
-            f"{s['per_edit']:.1f}x per 1000-step edit.",
+            f"{s['per_edit']:.1f}x per {report['full_steps']}-step edit.",
         ]
     lines += ["", f"FLOPs per step (one example, flop counter): {report['flops_per_step'] / 1e12:.3f} TFLOP."]
     return "\n".join(lines) + "\n"
@@ -171,6 +193,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=("image", "video"), default="image")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per mode (after warm-up)")
     parser.add_argument("--warmup", type=int, default=8, help="warm-up steps per mode (compile happens here)")
     parser.add_argument("--size", type=int, default=512, help="short side of the image")
@@ -190,15 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cuda")
         clip = random_vit_b32(device)
-    image = synthetic_image(args.size)
+    inputs = make_input(args.preset, args.size, args.smoke)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.kernel_ablation:
         modes.append("fast-torch-kernels")
-    flops = count_flops(clip, image, args.size, device, args.smoke)
+    flops = count_flops(clip, inputs, args, device)
     peak = device_peak_flops(device)
     rows = []
     for mode in modes:
-        row = run_mode(mode, clip, image, args, device)
+        row = run_mode(mode, clip, inputs, args, device)
         row["tflops"] = flops / (row["ms_per_step_median"] / 1e3) / 1e12
         row["fraction_of_peak"] = None if peak is None else row["tflops"] * 1e12 / peak
         rows.append(row)
@@ -207,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "meta": metadata(device),
         "clip": clip.name + ("" if args.smoke else ", random weights: timing only"),
-        "image_size": list(image.shape[-2:]),
-        "views": make_config("fast", 1, args.size, args.smoke).views.n_aug,
+        "preset": args.preset,
+        "full_steps": FULL_EDIT_STEPS[args.preset],
+        "input": list(inputs.shape[-2:]) if args.preset == "image" else list(inputs[0].shape),
+        "views": make_config("fast", 1, args.size, args.smoke, args.preset).views.n_aug,
         "steps_timed": args.steps,
         "warmup": args.warmup,
         "flops_per_step": flops,
@@ -224,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         }
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (args.out / f"edit-{stamp}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"edit-{stamp}.md").write_text(markdown(report))
-    print(f"wrote {args.out}/edit-{stamp}.json and .md")
+    name = f"edit-{args.preset}-{stamp}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{name}.md").write_text(markdown(report))
+    print(f"wrote {args.out}/{name}.json and .md")
     return 0
 
 

@@ -9,7 +9,19 @@ from .config import Config, load_yaml, preset
 from .io import InputError
 from .models.clip import Clip, load_clip
 from .pipeline.image import EditResult, ImageEditor
+from .pipeline.video import VideoEditor, VideoEditResult
 
 __version__ = "0.1.0"
 
-__all__ = ["Clip", "Config", "EditResult", "ImageEditor", "InputError", "load_clip", "load_yaml", "preset"]
+__all__ = [
+    "Clip",
+    "Config",
+    "EditResult",
+    "ImageEditor",
+    "InputError",
+    "VideoEditResult",
+    "VideoEditor",
+    "load_clip",
+    "load_yaml",
+    "preset",
+]

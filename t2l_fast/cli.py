@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from .cli_atlas import atlas
 from .config import Config, load_yaml, parse_overrides, preset
 from .io import InputError, check_output_dir, save_png
 
@@ -16,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
     help="Text-driven layered image and video editing (Text2LIVE), fast.",
 )
+app.command("atlas")(atlas)  # t2l-fast atlas: fit a layered atlas to a video (cli_atlas.py)
 log = logging.getLogger("t2l_fast")
 
 NOT_A_REAL_EDIT = (

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from t2l_fast.kernels import sample_atlas_reference
 from typer.testing import CliRunner
 
 from t2l_fast import cli
 from t2l_fast.config import preset
-from t2l_fast.kernels import sample_atlas_reference
 from t2l_fast.models.atlas import NLAModels, save_nla_checkpoint
 from t2l_fast.pipeline import video as video_pipeline
 from t2l_fast.pipeline.video import VideoEditor, _CropSampler, _foreground_boxes
+from t2l_fast.synthetic import two_layer_scene
 from t2l_fast.video_io import read_video
-from tests.video_scene import two_layer_scene
 
 runner = CliRunner()
 FAST = [
@@ -294,3 +294,50 @@ def test_video_options_on_an_image_are_rejected(tmp_path):
     img = tmp_path / "a.png"
     Image.new("RGB", (150, 150)).save(img)
     _bad(tmp_path, [img, "--prompt", "x", "--atlas", tmp_path], "apply to videos only")
+
+
+def test_fitted_atlas_loads_in_the_video_editor(tmp_path, frames_dir, scene):
+    """`t2l-fast atlas` then `t2l-fast edit --atlas`: the two commands a user runs (issue 6)."""
+    data, _ = scene
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i, a in enumerate(data.alpha):
+        Image.fromarray(((a > 0.5).numpy() * 255).astype(np.uint8)).save(masks / f"{i:05d}.png")
+    fitted = tmp_path / "fitted"
+    result = runner.invoke(
+        cli.app,
+        [
+            "atlas",
+            str(frames_dir),
+            "--masks",
+            str(masks),
+            "--out",
+            str(fitted),
+            "--iterations",
+            "40",
+            "--size",
+            "96x64",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for layer in ("background", "foreground"):
+        out = tmp_path / f"edit-{layer}"
+        result = run(
+            frames_dir,
+            "--atlas",
+            fitted,
+            "--layer",
+            layer,
+            "--prompt",
+            "winter",
+            "--steps",
+            1,
+            "--out",
+            out,
+            *FAST,
+        )
+        assert result.exit_code == 0, result.output
+        video, _ = read_video(out / "edited.mp4", size=None)
+        assert video.shape == (8, 3, 64, 96)

@@ -1,4 +1,4 @@
-"""A synthetic two-layer video with analytically known atlas mappings (for the video tests)."""
+"""Synthetic inputs with known ground truth, for tests, benchmarks and demos (not for real edits)."""
 
 from __future__ import annotations
 
