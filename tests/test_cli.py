@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from t2l_fast import cli
 from t2l_fast.losses import Objective
-from t2l_fast.pipeline import image as image_pipeline
+from t2l_fast.pipeline import base as pipeline_base
 
 runner = CliRunner()
 FAST = [
@@ -42,7 +42,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(image_pipeline, "load_clip", refuse)
+    monkeypatch.setattr(pipeline_base, "load_clip", refuse)
 
 
 def run(*args):

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from t2l_fast import cli
 from t2l_fast.config import preset
 from t2l_fast.models.atlas import NLAModels, save_nla_checkpoint
+from t2l_fast.pipeline import base as pipeline_base
 from t2l_fast.pipeline import video as video_pipeline
 from t2l_fast.pipeline.video import VideoEditor, _CropSampler, _foreground_boxes
 from t2l_fast.synthetic import two_layer_scene
@@ -207,7 +208,7 @@ def _bad(tmp_path, args, message):
 
 
 def test_bad_atlas_inputs(tmp_path, frames_dir, monkeypatch):
-    monkeypatch.setattr(video_pipeline, "load_clip", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(pipeline_base, "load_clip", lambda *a, **k: pytest.fail("a model was loaded"))
     _bad(tmp_path, [frames_dir, "--prompt", "x"], "needs an atlas")
     _bad(tmp_path, [frames_dir, "--prompt", "x", "--atlas", tmp_path / "nope"], "atlas not found")
     garbage = tmp_path / "garbage.pt"
@@ -221,7 +222,7 @@ def test_bad_atlas_inputs(tmp_path, frames_dir, monkeypatch):
 
 
 def test_more_frames_than_the_atlas(tmp_path, frames_dir, scene, monkeypatch):
-    monkeypatch.setattr(video_pipeline, "load_clip", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(pipeline_base, "load_clip", lambda *a, **k: pytest.fail("a model was loaded"))
     data, _ = scene
     short = tmp_path / "short.safetensors"
     video_pipeline.AtlasData(

@@ -12,31 +12,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..augment import draw_example, view_size
-from ..config import Config, preset
-from ..io import InputError, atomic_path, check_output_dir, fit_size, save_png, save_text, to_image_tensor
+from ..augment import draw_example
+from ..config import Config
+from ..io import InputError, check_output_dir, fit_size, save_png, save_text, to_image_tensor
 from ..kernels import composite_rgba
-from ..losses import Layers, Objective
-from ..models.clip import Clip, load_clip
+from ..losses import Layers
 from ..models.generator import Generator, min_side
+from .base import Editor, save_generator
 from .engine import Engine, optimise
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
 PreviewCallback = Callable[[int, torch.Tensor], None]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an InputError."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
-    return device
 
 
 @dataclass
@@ -74,19 +64,19 @@ class EditResult:
             save_png(self.greenscreen, out / "greenscreen.png"),
             save_text(self.config.to_yaml(), out / "config.yaml"),
         ]
-        meta = {
-            "generator": json.dumps(self.config.to_dict()["generator"]),
-            "image_size": json.dumps(list(self.source.shape[-2:])),
-            "steps": str(self.steps_done),
-            "clip": self.config.clip,
-        }
-        with atomic_path(out / "generator.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in self.generator_state.items()}, str(tmp), metadata=meta)
-        paths.append(out / "generator.safetensors")
+        paths.append(
+            save_generator(
+                out / "generator.safetensors",
+                self.generator_state,
+                self.config,
+                image_size=json.dumps(list(self.source.shape[-2:])),
+                steps=str(self.steps_done),
+            )
+        )
         return paths
 
 
-class ImageEditor:
+class ImageEditor(Editor):
     """Text-driven layered image editing.
 
     >>> editor = ImageEditor(device="cuda")                    # doctest: +SKIP
@@ -97,25 +87,6 @@ class ImageEditor:
     ``cpu``; dtype: autocast dtype of generator and CLIP (None: from ``config.runtime.precision``);
     clip: an already built :class:`Clip` (tests inject the tiny one), else loaded on first use.
     """
-
-    def __init__(
-        self,
-        config: Config | None = None,
-        device: str | torch.device = "auto",
-        dtype: torch.dtype | None = None,
-        clip: Clip | None = None,
-    ):
-        self.config = config or preset("image")
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self._clip = clip.to(self.device) if clip is not None else None
-        self.engine: Engine | None = None
-
-    @property
-    def clip(self) -> Clip:
-        if self._clip is None:
-            self._clip = load_clip(self.config.clip, self.config.clip_weights, self.device)
-        return self._clip
 
     def prepare(
         self,
@@ -171,14 +142,11 @@ class ImageEditor:
         """The optimisation loop on a prepared source (1, 3, H, W). Ctrl-C ends it early with the
         current generator (``result.interrupted``)."""
         device = self.device
-        clip = self.clip
-        engine = self.engine = Engine(cfg.runtime, device, self.dtype)
-        clip.set_attention(cfg.runtime.attention)
+        clip, engine = self._start(cfg)
         source = source.to(device)
-        torch.manual_seed(cfg.seed)
         generator = Generator(cfg.generator).to(device)
         run_generator = engine.compiled(generator, dynamic=None)  # a few bucketed sizes
-        objective = self._objective(clip, cfg, engine, source)
+        objective = self.objective(clip, cfg, engine, tuple(source.shape[-2:]))
 
         def examples_of_step(step: int, gen: torch.Generator):
             crops = [(draw_example(source, cfg.data, gen, generator.min_side, engine.bucket), None)]
@@ -204,28 +172,10 @@ class ImageEditor:
         )
         return self._result(cfg, generator, source, history, interrupted, clip.is_test_model)
 
-    @staticmethod
-    def _objective(clip: Clip, cfg: Config, engine: Engine, source: torch.Tensor) -> Objective:
-        """Reference mode: the loss as the original computes it. Fast path: batched, with one view
-        size and one structure-view size per run (from the source's aspect) and compiled CLIP."""
-        if not engine.fast:
-            return Objective(clip, cfg, batched=False)
-        v = cfg.views
-        hw = tuple(source.shape[-2:])
-        return Objective(
-            clip,
-            cfg,
-            batched=True,
-            view_size=view_size(*hw, v.short_side, v.max_long_side, clip.patch),
-            structure_size=view_size(*hw, v.short_side, v.structure_max_long_side, clip.patch),
-            encode_image=engine.compiled(clip.encode_image, dynamic=False),
-            encode_tokens=engine.compiled(clip.encode_tokens, dynamic=False),
-        )
-
     @torch.no_grad()
     def render(self, generator: Generator, source: torch.Tensor):
         """Run the generator on the whole source: (composite, rgba, greenscreen), batched (1, C, H, W)."""
-        engine = getattr(self, "engine", None) or Engine(self.config.runtime, self.device, self.dtype)
+        engine = self.engine or Engine(self.config.runtime, self.device, self.dtype)
         with engine.autocast():
             rgba = generator(source).float()
         out = composite_rgba(rgba, source)

@@ -15,7 +15,6 @@ the object over black during training (the reference's choice: CLIP judges the o
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
@@ -24,19 +23,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from ..augment import ColourParams, apply_colour, view_size
-from ..config import Config, preset
-from ..io import InputError, atomic_path, check_output_dir, save_png, save_text
+from ..augment import ColourParams, apply_colour
+from ..config import Config
+from ..io import InputError, check_output_dir, save_png, save_text
 from ..kernels import composite_rgba, sample_atlas
-from ..losses import Layers, Objective
+from ..losses import Layers
 from ..models.atlas import AtlasData, load_nla_checkpoint, precompute_atlas
-from ..models.clip import Clip, load_clip
 from ..models.generator import Generator
 from ..video_io import read_video, write_frames, write_video
-from .engine import Engine, optimise
-from .image import StepCallback, resolve_device
+from .base import Editor, save_generator
+from .engine import optimise
+from .image import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +120,15 @@ class VideoEditResult:
             save_png(self.atlas_composite, out / "atlas_composite.png"),
             save_text(self.config.to_yaml(), out / "config.yaml"),
         ]
-        meta = {
-            "generator": json.dumps(self.config.to_dict()["generator"]),
-            "layer": self.layer,
-            "steps": str(self.steps_done),
-            "clip": self.config.clip,
-        }
-        with atomic_path(out / "generator.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in self.generator_state.items()}, str(tmp), metadata=meta)
-        paths.append(out / "generator.safetensors")
+        paths.append(
+            save_generator(
+                out / "generator.safetensors",
+                self.generator_state,
+                self.config,
+                layer=self.layer,
+                steps=str(self.steps_done),
+            )
+        )
         if self.config.video.write_frames:
             paths += write_frames(out / "frames", self.composite)
         return paths
@@ -139,7 +137,7 @@ class VideoEditResult:
 # ---------------------------------------------------------------------------------------------------
 # Editor
 # ---------------------------------------------------------------------------------------------------
-class VideoEditor:
+class VideoEditor(Editor):
     """Text-driven layered video editing through a layered neural atlas.
 
     >>> editor = VideoEditor(device="cuda")                                        # doctest: +SKIP
@@ -149,24 +147,7 @@ class VideoEditor:
     Mirrors :class:`ImageEditor`: config (``preset("video")`` by default), device, dtype, clip.
     """
 
-    def __init__(
-        self,
-        config: Config | None = None,
-        device: str | torch.device = "auto",
-        dtype: torch.dtype | None = None,
-        clip: Clip | None = None,
-    ):
-        self.config = config or preset("video")
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self._clip = clip.to(self.device) if clip is not None else None
-        self.engine: Engine | None = None
-
-    @property
-    def clip(self) -> Clip:
-        if self._clip is None:
-            self._clip = load_clip(self.config.clip, self.config.clip_weights, self.device)
-        return self._clip
+    PRESET = "video"
 
     # -- validation and loading ---------------------------------------------------------------------
     def prepare(
@@ -274,14 +255,11 @@ class VideoEditor:
         self, cfg: Config, inputs: VideoInput, *, on_step: StepCallback | None = None, progress: bool = False
     ) -> VideoEditResult:
         device = self.device
-        clip = self.clip
-        engine = self.engine = Engine(cfg.runtime, device, self.dtype)
-        clip.set_attention(cfg.runtime.attention)
-        torch.manual_seed(cfg.seed)
+        clip, engine = self._start(cfg)
         generator = Generator(cfg.generator).to(device)
         run_generator = engine.compiled(generator, dynamic=None)
         sampler = _CropSampler(cfg, inputs, device, generator.min_side, engine.bucket)
-        objective = self._objective(clip, cfg, engine, sampler)
+        objective = self.objective(clip, cfg, engine, sampler.window_hw_hint)
 
         def generate(x: torch.Tensor) -> torch.Tensor:
             return _at_least(run_generator, x, generator.min_side).float()
@@ -330,22 +308,6 @@ class VideoEditor:
             desc=f"editing {cfg.video.layer}",
         )
         return self._render(cfg, inputs, generator, sampler, history, interrupted, clip.is_test_model)
-
-    @staticmethod
-    def _objective(clip: Clip, cfg: Config, engine: Engine, sampler: _CropSampler) -> Objective:
-        if not engine.fast:
-            return Objective(clip, cfg, batched=False)
-        v = cfg.views
-        hw = sampler.window_hw_hint
-        return Objective(
-            clip,
-            cfg,
-            batched=True,
-            view_size=view_size(*hw, v.short_side, v.max_long_side, clip.patch),
-            structure_size=view_size(*hw, v.short_side, v.structure_max_long_side, clip.patch),
-            encode_image=engine.compiled(clip.encode_image, dynamic=False),
-            encode_tokens=engine.compiled(clip.encode_tokens, dynamic=False),
-        )
 
     @torch.no_grad()
     def _render(

@@ -1,0 +1,91 @@
+"""What the image and video editors share: construction, the CLIP they load, the objective they
+build for the engine's mode, and how a trained generator is saved."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..augment import view_size
+from ..config import Config, preset
+from ..io import InputError, atomic_path
+from ..losses import Objective
+from ..models.clip import Clip, load_clip
+from .engine import Engine
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an InputError."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    return device
+
+
+def save_generator(path: str | os.PathLike, state: dict[str, torch.Tensor], cfg: Config, **meta: str) -> Path:
+    """The generator's weights as safetensors, with the generator config in the metadata, whole."""
+    meta = {"generator": json.dumps(cfg.to_dict()["generator"]), "clip": cfg.clip, **meta}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    return Path(path)
+
+
+class Editor:
+    """Base of :class:`ImageEditor` and :class:`VideoEditor`.
+
+    config: the run's settings (the ``PRESET`` by default); device: ``auto``, ``cuda`` or ``cpu``;
+    dtype: autocast dtype of generator and CLIP (None: from ``config.runtime.precision``);
+    clip: an already built :class:`Clip` (tests inject the tiny one), else loaded on first use.
+    """
+
+    PRESET = "image"
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | None = None,
+        clip: Clip | None = None,
+    ):
+        self.config = config or preset(self.PRESET)
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self._clip = clip.to(self.device) if clip is not None else None
+        self.engine: Engine | None = None
+
+    @property
+    def clip(self) -> Clip:
+        if self._clip is None:
+            self._clip = load_clip(self.config.clip, self.config.clip_weights, self.device)
+        return self._clip
+
+    def _start(self, cfg: Config) -> tuple[Clip, Engine]:
+        """The CLIP and the engine of a run; seeds torch for the generator's initialisation."""
+        clip = self.clip
+        self.engine = Engine(cfg.runtime, self.device, self.dtype)
+        clip.set_attention(cfg.runtime.attention)
+        torch.manual_seed(cfg.seed)
+        return clip, self.engine
+
+    @staticmethod
+    def objective(clip: Clip, cfg: Config, engine: Engine, hw: tuple[int, int]) -> Objective:
+        """Reference mode: the loss as the original computes it. Fast path: batched, with one view
+        size and one structure-view size per run (from the aspect ratio ``hw``) and compiled CLIP."""
+        if not engine.fast:
+            return Objective(clip, cfg, batched=False)
+        v = cfg.views
+        return Objective(
+            clip,
+            cfg,
+            batched=True,
+            view_size=view_size(*hw, v.short_side, v.max_long_side, clip.patch),
+            structure_size=view_size(*hw, v.short_side, v.structure_max_long_side, clip.patch),
+            encode_image=engine.compiled(clip.encode_image, dynamic=False),
+            encode_tokens=engine.compiled(clip.encode_tokens, dynamic=False),
+        )
