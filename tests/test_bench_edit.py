@@ -38,3 +38,26 @@ def test_bench_edit_without_gpu_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "no CUDA GPU" in proc.stdout
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_memory_counts_saved_activations(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_memory.py"),
+            "--clip",
+            "test-tiny",
+            "--size",
+            "160",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(next(tmp_path.glob("memory-*.json")).read_text())
+    rows = {r["precision"]: r["saved_gb"] for r in report["rows"]}
+    assert report["crop"] == [160, 240]
+    assert 0 < rows["bf16"] < rows["fp32"]  # bf16 autocast keeps smaller activations

@@ -152,11 +152,13 @@ def test_nan_guard_skips_steps_and_falls_back_to_fp32():
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     for _ in range(3):
-        assert not e.step(opt, (w * float("nan")).sum())
+        assert not e.update(opt, e.backward((w * float("nan")).sum()))
     assert torch.equal(w.detach(), torch.ones(3))  # nothing applied
     assert e.nonfinite_steps == 3 and e.amp_dtype is None  # fell back to fp32
-    assert not e.step(opt, (w**2).sum() * torch.tensor(float("inf")))  # inf loss: skipped too
-    assert e.step(opt, (w**2).sum())
+    assert not e.update(opt, e.backward((w**2).sum() * torch.tensor(float("inf"))))  # inf loss: skipped too
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])  # a finite loss with a non-finite gradient
+    assert not e.update(opt) and w.grad is None
+    assert e.update(opt, e.backward((w**2).sum()))
     assert not torch.equal(w.detach(), torch.ones(3))
 
 

@@ -82,18 +82,25 @@ class Engine:
         mode = "reduce-overhead" if self.cudagraphs and self.backend == "inductor" else None
         return torch.compile(fn, dynamic=dynamic, backend=self.backend, mode=mode)
 
-    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
-        """Backward and update, unless the loss or the gradient is not finite: then the step is
-        skipped; after three such steps in a row under reduced precision, the rest of the run is fp32."""
-        optimizer.zero_grad(set_to_none=True)
+    @staticmethod
+    def backward(loss: torch.Tensor) -> bool:
+        """Accumulate the gradient of ``loss`` unless it is not finite (then False, nothing done)."""
         if not torch.isfinite(loss):
-            return self._skip(optimizer, "loss")
+            return False
         loss.backward()
+        return True
+
+    def update(self, optimizer: torch.optim.Optimizer, losses_finite: bool = True) -> bool:
+        """Apply the accumulated gradient, unless a loss or the gradient is not finite: then the step
+        is skipped; after three such steps in a row under reduced precision, the rest of the run is fp32."""
+        if not losses_finite:
+            return self._skip(optimizer, "loss")
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             return self._skip(optimizer, "gradient")
         self._consecutive_bad = 0
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return True
 
     def _skip(self, optimizer: torch.optim.Optimizer, what: str) -> bool:
@@ -105,9 +112,6 @@ class Engine:
             log.warning("falling back to fp32 after %d non-finite steps in a row", self._consecutive_bad)
             self.amp_dtype = None
         return False
-
-
-Example = tuple  # (Layers, cache_key | None, weight): one batch of same-size examples of a step
 
 
 def optimise(
@@ -125,10 +129,12 @@ def optimise(
 ) -> tuple[list[dict[str, float]], bool]:
     """The training loop both editors share.
 
-    ``examples_of_step(step, gen)`` returns the step's examples as (Layers, cache_key, weight)
-    tuples (it runs the generator); the loss is the weighted sum of the objective's terms. MADGRAD
-    with the exponential schedule (``optim_cfg``); the NaN guard of ``engine.step``. Ctrl-C ends
-    the loop early. Returns (per-step loss records, interrupted).
+    ``examples_of_step(step, gen)`` yields the step's examples as (Layers, cache_key, weight)
+    tuples (it runs the generator lazily); the loss is the weighted sum of the objective's terms.
+    Each example is back-propagated as soon as its loss exists, so a step holds the activations of
+    one example at a time (the gradient is the same as that of the summed loss). MADGRAD with the
+    exponential schedule (``optim_cfg``); the NaN guard of ``engine.backward`` / ``engine.update``.
+    Ctrl-C ends the loop early. Returns (per-step loss records, interrupted).
     """
     from madgrad import MADGRAD
     from tqdm.auto import tqdm
@@ -149,14 +155,21 @@ def optimise(
     try:
         with engine.kernels():
             for step in range(optim_cfg.steps):
-                terms: dict[str, torch.Tensor] = {}
-                with engine.autocast():
-                    for layers, key, weight in examples_of_step(step, gen):
-                        for k, v in objective(layers, step, gen, cache_key=key).items():
-                            terms[k] = terms.get(k, 0) + weight * v
-                engine.step(opt, terms["loss"])
+                record: dict[str, float] = {}
+                finite = True
+                examples = examples_of_step(step, gen)
+                while True:
+                    with engine.autocast():  # the generator runs when the next example is drawn
+                        example = next(examples, None)
+                        if example is None:
+                            break
+                        layers, key, weight = example
+                        terms = objective(layers, step, gen, cache_key=key)
+                    for k, v in terms.items():
+                        record[k] = record.get(k, 0.0) + weight * float(v.detach())
+                    finite = finite and engine.backward(weight * terms["loss"])
+                engine.update(opt, finite)
                 sched.step()
-                record = {k: float(v.detach()) for k, v in terms.items()}
                 history.append(record)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()}, refresh=False)
                 bar.update()
