@@ -8,6 +8,20 @@ import torch
 from t2l_fast.config import Config, preset
 from t2l_fast.models.clip import Clip, build_test_tiny
 
+# CLI arguments for a fast CPU run: the tiny test CLIP, a small generator, two views.
+FAST_CLI = [
+    "--clip",
+    "test-tiny",
+    "--device",
+    "cpu",
+    "--set",
+    "generator.channels_down=8",
+    "--set",
+    "generator.channels_up=8",
+    "--set",
+    "views.n_aug=2",
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_clip() -> Clip:

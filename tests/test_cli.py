@@ -11,20 +11,9 @@ from typer.testing import CliRunner
 from t2l_fast import cli
 from t2l_fast.losses import Objective
 from t2l_fast.pipeline import base as pipeline_base
+from tests.conftest import FAST_CLI as FAST
 
 runner = CliRunner()
-FAST = [
-    "--clip",
-    "test-tiny",
-    "--set",
-    "generator.channels_down=8",
-    "--set",
-    "generator.channels_up=8",
-    "--set",
-    "views.n_aug=2",
-    "--device",
-    "cpu",
-]
 
 
 @pytest.fixture

@@ -17,20 +17,9 @@ from t2l_fast.pipeline import video as video_pipeline
 from t2l_fast.pipeline.video import VideoEditor, _CropSampler, _foreground_boxes
 from t2l_fast.synthetic import two_layer_scene
 from t2l_fast.video_io import read_video
+from tests.conftest import FAST_CLI as FAST
 
 runner = CliRunner()
-FAST = [
-    "--clip",
-    "test-tiny",
-    "--set",
-    "generator.channels_down=8",
-    "--set",
-    "generator.channels_up=8",
-    "--set",
-    "views.n_aug=2",
-    "--device",
-    "cpu",
-]
 
 
 def small_video_config(steps: int = 2, layer: str = "background"):
