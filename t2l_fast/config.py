@@ -369,8 +369,8 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
             if not _coerce(value, "bool", key):
                 return
             value = key.removeprefix("finetune_")
-        if key in ("bootstrap_text", "screen_text", "comp_text", "src_text") and value in ("", []):
-            value = None if key != "comp_text" else value
+        if key in ("bootstrap_text", "screen_text", "src_text") and value in ("", []):
+            value = None  # the reference writes "" for an optional prompt it does not use
         key = target
     parts = key.split(".")
     obj: Any = cfg

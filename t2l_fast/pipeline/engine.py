@@ -165,8 +165,9 @@ def optimise(
                             break
                         layers, key, weight = example
                         terms = objective(layers, step, gen, cache_key=key)
-                    for k, v in terms.items():
-                        record[k] = record.get(k, 0.0) + weight * float(v.detach())
+                    values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one sync
+                    for k, v in zip(terms, values, strict=True):
+                        record[k] = record.get(k, 0.0) + weight * v
                     finite = finite and engine.backward(weight * terms["loss"])
                 engine.update(opt, finite)
                 sched.step()

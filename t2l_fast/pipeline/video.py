@@ -15,6 +15,7 @@ the object over black during training (the reference's choice: CLIP judges the o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import random
@@ -218,15 +219,12 @@ class VideoEditor(Editor):
                     f"{data.width}x{data.height}"
                 )
             if t < data.num_frames:
-                data = AtlasData(
-                    data.uv_background[:t],
-                    data.uv_foreground[:t],
-                    data.alpha[:t],
-                    data.background_atlas,
-                    data.foreground_atlas,
-                    data.background_box,
-                    data.foreground_box,
-                    data.grid,
+                # the first t frames (the atlas images and their metadata stay)
+                data = dataclasses.replace(
+                    data,
+                    uv_background=data.uv_background[:t],
+                    uv_foreground=data.uv_foreground[:t],
+                    alpha=data.alpha[:t],
                 )
         if cfg.video.layer == "foreground" and data.foreground_is_empty(cfg.video.mask_threshold):
             raise InputError(

@@ -94,18 +94,23 @@ def _forbid(monkeypatch, module, *names: str) -> None:
         monkeypatch.setattr(module, name, boom)
 
 
-@pytest.mark.parametrize("mode", ["auto", "triton"])
-def test_triton_path_taken(mode, monkeypatch, device) -> None:
-    monkeypatch.setenv("T2L_KERNELS", mode)
-    _forbid(monkeypatch, composite_mod, "composite_rgba_reference")
-    _forbid(monkeypatch, ssim_mod, "self_similarity_reference", "self_similarity_mse_reference")
-    _forbid(monkeypatch, atlas_mod, "sample_atlas_reference")
+def _call_every_op(device) -> None:
+    """Each public op once, on tiny inputs."""
     composite_mod.composite_rgba(torch.rand(1, 4, 2, 3, device=device), torch.rand(1, 3, 2, 3, device=device))
     tokens = torch.randn(1, 4, 5, device=device)
     ssim_mod.self_similarity(tokens)
     ssim_mod.self_similarity_mse(tokens, torch.rand(1, 4, 4, device=device))
     uv = torch.rand(1, 2, 3, 2, device=device) * 2 - 1
     atlas_mod.sample_atlas(torch.rand(4, 3, 3, device=device), uv, torch.rand(1, 3, 2, 3, device=device))
+
+
+@pytest.mark.parametrize("mode", ["auto", "triton"])
+def test_triton_path_taken(mode, monkeypatch, device) -> None:
+    monkeypatch.setenv("T2L_KERNELS", mode)
+    _forbid(monkeypatch, composite_mod, "composite_rgba_reference")
+    _forbid(monkeypatch, ssim_mod, "self_similarity_reference", "self_similarity_mse_reference")
+    _forbid(monkeypatch, atlas_mod, "sample_atlas_reference")
+    _call_every_op(device)
 
 
 def test_torch_mode_takes_the_reference(monkeypatch, device) -> None:
@@ -113,12 +118,7 @@ def test_torch_mode_takes_the_reference(monkeypatch, device) -> None:
     _forbid(monkeypatch, composite_mod, "composite_rgba_triton")
     _forbid(monkeypatch, ssim_mod, "self_similarity_triton", "self_similarity_mse_triton")
     _forbid(monkeypatch, atlas_mod, "sample_atlas_triton")
-    composite_mod.composite_rgba(torch.rand(1, 4, 2, 3, device=device), torch.rand(1, 3, 2, 3, device=device))
-    tokens = torch.randn(1, 4, 5, device=device)
-    ssim_mod.self_similarity(tokens)
-    ssim_mod.self_similarity_mse(tokens, torch.rand(1, 4, 4, device=device))
-    uv = torch.rand(1, 2, 3, 2, device=device) * 2 - 1
-    atlas_mod.sample_atlas(torch.rand(4, 3, 3, device=device), uv, torch.rand(1, 3, 2, 3, device=device))
+    _call_every_op(device)
 
 
 def test_forced_triton_refuses_uv_gradient(monkeypatch, device) -> None:
