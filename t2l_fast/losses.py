@@ -241,7 +241,7 @@ class Objective:
         weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap, lc.bootstrap_schedule)
 
         if self.batched:
-            emb = self._embeddings(layers, paired, screen, cache_key)
+            emb = self._embeddings(layers, paired, screen)
             boot_target = (
                 self._cached(("relevancy", cache_key), lambda: self.relevancy(layers.source))
                 if weight > 0
@@ -259,7 +259,7 @@ class Objective:
             one = layers[i]
             sl = slice(i * n, (i + 1) * n)
             emb = self._embeddings(
-                one, paired[sl] if paired else None, screen[sl] if screen else None, None, separate=True
+                one, paired[sl] if paired else None, screen[sl] if screen else None, separate=True
             )
             boot_target = self.relevancy(one.source) if weight > 0 else None
             struct_target = self.structure_target(one.source) if lc.lambda_structure > 0 else None
@@ -268,7 +268,7 @@ class Objective:
             )
         return {k: sum(t[k] for t in per_example) / b for k in per_example[0]}
 
-    def _embeddings(self, layers: Layers, paired, screen, cache_key, separate: bool = False) -> dict:
+    def _embeddings(self, layers: Layers, paired, screen, separate: bool = False) -> dict:
         """CLIP embeddings of the output, source and screen views (None where a loss is off)."""
         lc = self.cfg.loss
         out_e = src_e = scr_e = None
