@@ -183,12 +183,23 @@ def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # CLIP views
 # ---------------------------------------------------------------------------------------------------
-def view_size(h: int, w: int, short: int = 224, max_long: int = 320, patch: int = 32) -> tuple[int, int]:
-    """Short side ``short``, long side in proportion, at most ``max_long``, rounded down to whole
-    patches (the patch embedding would drop the leftover pixels anyway)."""
-    long = min(max_long, max(h, w) * short / min(h, w))
-    long = max(short, int(long // patch) * patch)
-    return (short, long) if h <= w else (long, short)
+def view_size(h: int, w: int, short: int = 224, max_long: int = 320) -> tuple[int, int]:
+    """The original's ``Resize(short, max_size=max_long)`` size for an (h, w) image: the short side
+    becomes ``short`` and the long side follows the aspect ratio, unless it would pass ``max_long``;
+    then the long side is ``max_long`` and the short side follows (torchvision's integer rounding).
+    CLIP's patch embedding later drops the pixels past the last whole patch (:func:`whole_patches`)."""
+    small, large = min(h, w), max(h, w)
+    new_short, new_long = short, int(short * large / small)
+    if new_long > max_long:
+        new_short, new_long = int(max_long * new_short / new_long), max_long
+    return (new_short, new_long) if h <= w else (new_long, new_short)
+
+
+def whole_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(..., h, w) -> the top-left (h // patch · patch, w // patch · patch): what CLIP's strided patch
+    embedding reads (it never sees the pixels past the last whole patch)."""
+    h, w = images.shape[-2:]
+    return images[..., : h // patch * patch, : w // patch * patch]
 
 
 @dataclass
@@ -267,9 +278,10 @@ def make_views(images: torch.Tensor, params: ViewParams, fill: float, min_cover:
     return apply_colour(views, params.colour)
 
 
-def resize_view(image: torch.Tensor, short: int, max_long: int, patch: int = 32) -> torch.Tensor:
-    """The un-augmented view (structure loss): (B, 3, H, W) -> (B, 3, h, w), antialiased."""
-    size = view_size(*image.shape[-2:], short, max_long, patch)
+def resize_view(image: torch.Tensor, short: int, max_long: int) -> torch.Tensor:
+    """The un-augmented view (structure loss): (B, 3, H, W) -> (B, 3, h, w) at :func:`view_size`,
+    antialiased."""
+    size = view_size(*image.shape[-2:], short, max_long)
     return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
@@ -288,19 +300,20 @@ def draw_example(
     image: torch.Tensor, cfg: DataConfig, gen: torch.Generator, min_side: int, multiple: int = 1
 ) -> torch.Tensor:
     """One augmented training example from ``image`` (1, 3, H, W): colour jitter, flip, random
-    scale, random crop covering ``crop_min_cover``..1 of each side. Sides stay >= ``min_side`` and,
-    with ``multiple`` > 1, are rounded to a multiple of it (a few fixed shapes for the fast path)."""
+    scale, random crop covering ``crop_min_cover``..1 of the scaled image (one cover for both sides,
+    as the original's ``RandomSizeCrop``). Sides stay >= ``min_side`` and, with ``multiple`` > 1, the
+    crop is resampled to the nearest multiple of it on each side (a few fixed shapes for the fast
+    path)."""
     h, w = image.shape[-2:]
     scale = float(_uniform(1, cfg.scale_min, cfg.scale_max, gen))
-    cover = _uniform(2, cfg.crop_min_cover, 1.0, gen)
-    out_h = _bucket(h * scale * float(cover[0]), multiple, min_side)
-    out_w = _bucket(w * scale * float(cover[1]), multiple, min_side)
-    sy, sx = cover[0:1], cover[1:2]
-    cy = (1 - sy) * _uniform(1, -1, 1, gen)
-    cx = (1 - sx) * _uniform(1, -1, 1, gen)
-    geometry = crop_matrix(sx, sy, cx, cy) @ flip_matrix(_bernoulli(1, cfg.flip_p, gen))
-    if out_h < h * float(sy) or out_w < w * float(sx):  # downscaling: antialias first
-        pre = (max(out_h, round(out_h / float(sy))), max(out_w, round(out_w / float(sx))))
+    cover = _uniform(1, cfg.crop_min_cover, 1.0, gen)
+    out_h = _bucket(h * scale * float(cover), multiple, min_side)
+    out_w = _bucket(w * scale * float(cover), multiple, min_side)
+    cy = (1 - cover) * _uniform(1, -1, 1, gen)
+    cx = (1 - cover) * _uniform(1, -1, 1, gen)
+    geometry = crop_matrix(cover, cover, cx, cy) @ flip_matrix(_bernoulli(1, cfg.flip_p, gen))
+    if out_h < h * float(cover) or out_w < w * float(cover):  # downscaling: antialias first
+        pre = (max(out_h, round(out_h / float(cover))), max(out_w, round(out_w / float(cover))))
         image = F.interpolate(image, size=pre, mode="bilinear", antialias=True, align_corners=False)
     example = warp(image, geometry, (out_h, out_w), fill=None)
     colour = ColourParams.draw(1, cfg.jitter_p, 0.1, 0.0, gen)

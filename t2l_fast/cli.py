@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from .cli_atlas import atlas
+from .cli_serve import serve
 from .config import Config, load_yaml, parse_overrides, preset
 from .io import InputError, check_output_dir, save_png
 
@@ -18,6 +19,7 @@ app = typer.Typer(
     help="Text-driven layered image and video editing (Text2LIVE), fast.",
 )
 app.command("atlas")(atlas)  # t2l-fast atlas: fit a layered atlas to a video (cli_atlas.py)
+app.command("serve")(serve)  # t2l-fast serve: the web page (cli_serve.py; the [ui] extra)
 log = logging.getLogger("t2l_fast")
 
 NOT_A_REAL_EDIT = (
@@ -81,8 +83,13 @@ def edit(
     screen_prompt: str = typer.Option(None, help="The edit layer alone (default: the prompt)."),
     roi_prompt: str = typer.Option(
         None,
-        help="The region to edit in the source, e.g. 'cat'; enables the "
-        "directional loss and (images) the relevancy bootstrap.",
+        help="The region to edit in the source, e.g. 'cat'; enables the directional loss.",
+    ),
+    bootstrap: bool = typer.Option(
+        False,
+        "--bootstrap",
+        help="Pull the edit's opacity towards CLIP's relevancy map of the ROI prompt, annealed over "
+        "all steps (off by default, as in the original; --set loss.bootstrap_steps=N for N steps).",
     ),
     config: Path = typer.Option(
         None, "--config", "-c", help="YAML config (own or the reference's flat keys)."
@@ -143,6 +150,8 @@ def edit(
             steps=steps,
             size=size,
         )
+        if bootstrap:
+            cfg.loss.bootstrap_steps = cfg.optim.steps
         if video:
             cfg.video.atlas = str(atlas) if atlas is not None else cfg.video.atlas
             cfg.video.layer = layer or cfg.video.layer

@@ -71,7 +71,7 @@ class LossConfig:
     lambda_alpha_l1: float = 0.01
     lambda_alpha_l0: float = 0.01
     lambda_bootstrap: float = 10.0
-    bootstrap_steps: int | None = None  # None: all steps when a ROI prompt is given; 0: off
+    bootstrap_steps: int = 0  # relevancy bootstrap over the first N steps; 0: off (the original's default)
     bootstrap_schedule: str = "linear"  # linear (annealed to 0) | none (constant weight)
     text_criterion: str = "spherical"  # spherical | cosine
     relevancy_num_layers: int = 10  # relevancy uses the attention of the blocks after this one
@@ -118,6 +118,7 @@ class RuntimeConfig:
     cudagraphs: bool = False  # compile with mode="reduce-overhead" (fast mode on CUDA)
     attention: str = "sdpa"  # sdpa | xformers (optional extra; falls back to sdpa when unusable)
     bucket: int = 64  # fast mode: training-example sides rounded to a multiple of this (fixed shapes)
+    log_every: int = 10  # read the loss records / NaN-guard flags back to the host every N steps
 
 
 @dataclass
@@ -157,8 +158,7 @@ class Config:
         """Steps over which the relevancy bootstrap is annealed (0 when it is off)."""
         if self.effective_bootstrap_prompt is None or self.loss.lambda_bootstrap <= 0:
             return 0
-        steps = self.optim.steps if self.loss.bootstrap_steps is None else self.loss.bootstrap_steps
-        return max(0, steps)
+        return max(0, self.loss.bootstrap_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,6 +179,11 @@ class Config:
             value = getattr(self, name)
             if value is not None and blank(value):
                 raise InputError(f"{name} is empty: give it some text or leave it out")
+        if self.loss.bootstrap_steps > 0 and self.effective_bootstrap_prompt is None:
+            raise InputError(
+                "the relevancy bootstrap needs the region to edit: pass --roi-prompt 'cat' "
+                "(or bootstrap_prompt)"
+            )
         if self.optim.steps <= 0:
             raise InputError(f"steps must be > 0 (got {self.optim.steps}): pass e.g. --steps 1000")
         if self.views.n_aug < 1:
@@ -230,7 +235,6 @@ def preset(name: str = "image") -> Config:
         cfg.optim.gamma = 0.999
         cfg.data.crop_min_cover = 0.95
         cfg.views.fill = 0.0
-        cfg.loss.bootstrap_steps = 0  # the reference's video default: no relevancy bootstrap
         return cfg
     raise InputError(f"unknown preset {name!r}: use 'image' or 'video'")
 

@@ -9,12 +9,13 @@ holds the frozen CLIP, the text embeddings (computed once) and draws the random 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .augment import ViewParams, make_views, resize_view, view_size
+from .augment import ViewParams, make_views, resize_view, view_size, whole_patches
 from .config import Config
 from .kernels import composite_rgba, self_similarity, self_similarity_mse
 from .models.clip import Clip
@@ -38,6 +39,8 @@ TEMPLATES = (
 SCREEN_TEMPLATES = ("{} over a green screen.", "{} in front of a green screen.")
 RELEVANCY_SIZE = 224
 
+log = logging.getLogger(__name__)
+
 
 def expand_templates(prompt: str | list[str], templates: tuple[str, ...] = TEMPLATES) -> list[str]:
     """Every prompt with every template, prompt-major: [p0·t0, p0·t1, ..., p1·t0, ...]."""
@@ -58,8 +61,17 @@ def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 1 - F.normalize(x.float(), dim=-1) @ F.normalize(y.float(), dim=-1).T
 
 
+COSINE_SCALE = 1.2  # the original's ``cosine_loss`` scales 1 - cos by 1.2 (text_criterion: cosine)
+
+
+def cosine_criterion(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The ``cosine`` text criterion: 1.2·(1 - cos(x, y)), pairwise -> (N, M), in fp32."""
+    return COSINE_SCALE * cosine_distance(x, y)
+
+
 def directional_loss(out_e: torch.Tensor, src_e: torch.Tensor, text_dirs: torch.Tensor) -> torch.Tensor:
-    """Mean over views (N) and directions (M) of 1 - cos(out_e - src_e, dir)."""
+    """Mean over views (N) and directions (M) of 1 - cos(out_e - src_e, dir); the directions are
+    differences of RAW text embeddings (target - source), as the original subtracts them."""
     image_dirs = out_e.float() - src_e.float()
     return cosine_distance(image_dirs, text_dirs).mean()
 
@@ -76,9 +88,33 @@ def bootstrap_weight(step: int, steps: int, weight: float, schedule: str = "line
     return weight if schedule == "none" else weight * (1 - (step + 1) / steps)
 
 
+def _token_ids(tokenizer, text: str) -> list[int] | None:
+    encode = getattr(tokenizer, "encode", None)
+    return encode(text) if callable(encode) else None
+
+
+def truncation_warnings(tokenizer, prompts: list[str], templates: tuple[str, ...]) -> list[str]:
+    """One message per prompt whose longest template expansion passes CLIP's context (77 tokens:
+    start, 75 words' tokens, end), naming the words CLIP never reads."""
+    context = getattr(tokenizer, "context_length", 77)
+    messages = []
+    for prompt in prompts:
+        worst = max((_token_ids(tokenizer, t.format(prompt)) or [] for t in templates), key=len)
+        if len(worst) + 2 > context:
+            dropped = tokenizer.decode(worst[context - 2 :]).strip()
+            messages.append(
+                f"the prompt {prompt!r} is longer than CLIP's {context} tokens; "
+                f"these words are dropped: {dropped!r} (shorten the prompt to keep them)"
+            )
+    return messages
+
+
 @dataclass
 class Texts:
-    """Text embeddings of one run (normalised, fp32), computed once."""
+    """Text embeddings of one run: CLIP's RAW fp32 embeddings (not normalised), computed once.
+
+    The distances normalise them; the directional loss subtracts raw embeddings, as the original does.
+    """
 
     comp: torch.Tensor  # (14·P, E) the prompt(s) with every template
     screen: torch.Tensor  # (2·P, E) the screen prompt(s) with the green-screen templates
@@ -87,14 +123,22 @@ class Texts:
 
     @staticmethod
     def encode(clip: Clip, cfg: Config) -> Texts:
-        def enc(texts: list[str]) -> torch.Tensor:
-            return F.normalize(clip.encode_text(texts), dim=-1)
+        def listed(value) -> list[str]:
+            return [value] if isinstance(value, str) else list(value or [])
 
-        comp = enc(expand_templates(cfg.prompt))
-        screen = enc(expand_templates(cfg.effective_screen_prompt, SCREEN_TEMPLATES))
-        src = enc(expand_templates(cfg.roi_prompt)) if cfg.roi_prompt else None
+        checks = [(cfg.prompt, TEMPLATES), (cfg.effective_screen_prompt, SCREEN_TEMPLATES)]
+        checks.append((cfg.roi_prompt, TEMPLATES))
+        seen = set()
+        for prompts, templates in checks:
+            for message in truncation_warnings(clip.tokenizer, listed(prompts), templates):
+                if message not in seen:
+                    seen.add(message)
+                    log.warning(message)
+        comp = clip.encode_text(expand_templates(cfg.prompt))
+        screen = clip.encode_text(expand_templates(cfg.effective_screen_prompt, SCREEN_TEMPLATES))
+        src = clip.encode_text(expand_templates(cfg.roi_prompt)) if cfg.roi_prompt else None
         boot = cfg.effective_bootstrap_prompt
-        bootstrap = enc([boot])[0] if boot and cfg.effective_bootstrap_steps > 0 else None
+        bootstrap = clip.encode_text([boot])[0] if boot and cfg.effective_bootstrap_steps > 0 else None
         return Texts(comp, screen, src, bootstrap)
 
 
@@ -138,17 +182,33 @@ class Layers:
         )
 
 
+@dataclass
+class StepDraw:
+    """The random choices of one objective call, drawn before any computation (both modes draw the
+    same numbers in the same order): per example the CLIP-loss views, the directional views (paired:
+    the same geometry for source and output) and the screen views; the template subsets."""
+
+    clip: list[ViewParams] | None
+    direction: list[ViewParams] | None
+    screen: list[ViewParams] | None
+    comp_idx: torch.Tensor | None
+    dir_idx: torch.Tensor | None
+    screen_idx: torch.Tensor | None
+
+
 class Objective:
-    """Computes every loss term for a batch of examples (:class:`Layers`).
+    """Computes every loss term for a batch of examples of one size (:class:`Layers`).
 
-    ``batched=True`` (the fast path) feeds all the views of a step to CLIP together and reuses
-    source-side results for a repeated ``cache_key``; ``batched=False`` (the reference mode) does
-    the same computations one example and one loss at a time, as the original code does. Both draw
-    the same random numbers in the same order, so they compute the same values.
+    ``batched=True`` (the fast path) feeds all the views of a call to CLIP together (one call with
+    gradient, one without for the source views), computes a crop's structure target in the same
+    call as its output tokens, and caches source-side targets (structure, relevancy) for a repeated
+    ``cache_key`` (the un-augmented input, the whole atlas); a call without a key (a training crop)
+    computes them from that crop. ``batched=False`` (the reference mode) does the same computations
+    one example and one loss at a time, as the original code does. Both compute the same values.
 
-    ``view_size``: fixed (h, w) of the augmented views (fast path: fixed shapes); None derives it
-    from each example's aspect ratio. ``encode_image`` / ``encode_tokens`` may be compiled
-    versions of the CLIP methods.
+    Views follow the original's sizes: ``Resize(224, max_size=320)`` of each example (aspect ratio
+    kept; structure view: max 380), then only the whole 32-px patches reach CLIP.
+    ``encode_image`` / ``encode_tokens`` may be compiled versions of the CLIP methods.
     """
 
     def __init__(
@@ -158,8 +218,6 @@ class Objective:
         texts: Texts | None = None,
         *,
         batched: bool = False,
-        view_size: tuple[int, int] | None = None,
-        structure_size: tuple[int, int] | None = None,
         encode_image=None,
         encode_tokens=None,
     ):
@@ -167,37 +225,58 @@ class Objective:
         self.cfg = cfg
         self.texts = texts or Texts.encode(clip, cfg)
         self.bootstrap_steps = cfg.effective_bootstrap_steps if self.texts.bootstrap is not None else 0
-        self.distance = spherical_distance if cfg.loss.text_criterion == "spherical" else cosine_distance
+        self.criterion = spherical_distance if cfg.loss.text_criterion == "spherical" else cosine_criterion
         self.batched = batched
-        self.view_size = view_size
-        self.structure_size = structure_size
         self.encode_image = encode_image or clip.encode_image
         self.encode_tokens = encode_tokens or clip.encode_tokens
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    # -- helpers ----------------------------------------------------------------------------------
+    # -- randomness ---------------------------------------------------------------------------------
     def _pick(self, n_total: int, gen: torch.Generator) -> torch.Tensor:
         """A random subset of template indices (random size, drawn with replacement)."""
         k = int(torch.randint(1, n_total + 1, (1,), generator=gen))
         return torch.randint(n_total, (k,), generator=gen)
 
-    def _views(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        return make_views(images, params, self.cfg.views.fill, self.cfg.views.min_cover)
+    def draw(self, b: int, hw: tuple[int, int], gen: torch.Generator) -> StepDraw:
+        cfg, lc, texts = self.cfg, self.cfg.loss, self.texts
+        v = cfg.views
+        size = view_size(*hw, v.short_side, v.max_long_side)
+        comp, screen = lc.lambda_composition > 0, lc.lambda_screen > 0
+        directional = comp and texts.src is not None
+        clip_v, dir_v, screen_v = [], [], []
+        for _ in range(b):
+            if comp:
+                clip_v.append(ViewParams.draw(v.n_aug, size, v, gen))
+            if directional:
+                dir_v.append(ViewParams.draw(v.n_aug, size, v, gen))
+            if screen:
+                screen_v.append(ViewParams.draw(v.n_aug, size, v, gen))
+        paired_texts = min(len(texts.comp), len(texts.src)) if directional else 0
+        return StepDraw(
+            clip_v or None,
+            dir_v or None,
+            screen_v or None,
+            self._pick(len(texts.comp), gen) if comp else None,
+            self._pick(paired_texts, gen) if directional else None,
+            self._pick(len(texts.screen), gen) if screen else None,
+        )
+
+    # -- source-side targets --------------------------------------------------------------------------
+    def _views(self, images: torch.Tensor, params: list[ViewParams]) -> torch.Tensor:
+        views = make_views(images, ViewParams.cat(params), self.cfg.views.fill, self.cfg.views.min_cover)
+        return whole_patches(views, self.clip.patch)
 
     def _structure_view(self, images: torch.Tensor) -> torch.Tensor:
         v = self.cfg.views
-        if self.structure_size is None:
-            return resize_view(images, v.short_side, v.structure_max_long_side, self.clip.patch)
-        return F.interpolate(
-            images, size=self.structure_size, mode="bilinear", antialias=True, align_corners=False
-        )
+        return whole_patches(resize_view(images, v.short_side, v.structure_max_long_side), self.clip.patch)
 
-    def _cached(self, key: tuple | None, compute):
+    def _cached(self, name: str, key: tuple | None, compute):
+        """``compute()``, kept for a repeated ``key``; never kept without one (a crop's own targets)."""
         if key is None:
             return compute()
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
+        if (name, key) not in self._cache:
+            self._cache[(name, key)] = compute()
+        return self._cache[(name, key)]
 
     def relevancy(self, source: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 224, 224) relevancy maps of the bootstrap prompt."""
@@ -219,104 +298,95 @@ class Objective:
         self, layers: Layers, step: int, gen: torch.Generator, cache_key: tuple | None = None
     ) -> dict[str, torch.Tensor]:
         """-> {term: scalar}; "loss" is the weighted total. Terms are means over the examples."""
-        cfg, lc, texts = self.cfg, self.cfg.loss, self.texts
-        b = len(layers)
-        n = cfg.views.n_aug
-        size = self.view_size or view_size(
-            *layers.source.shape[-2:], cfg.views.short_side, cfg.views.max_long_side, self.clip.patch
-        )
-        use_views = lc.lambda_composition > 0 or lc.lambda_screen > 0
-        paired = screen = None
-        if use_views:
-            draws = [
-                (ViewParams.draw(n, size, cfg.views, gen), ViewParams.draw(n, size, cfg.views, gen))
-                for _ in range(b)
-            ]
-            paired = ViewParams.cat([d[0] for d in draws])
-            screen = ViewParams.cat([d[1] for d in draws])
-        comp_idx = self._pick(len(texts.comp), gen) if lc.lambda_composition > 0 else None
-        paired_texts = min(len(texts.comp), len(texts.src)) if texts.src is not None else 0
-        dir_idx = self._pick(paired_texts, gen) if lc.lambda_composition > 0 and paired_texts else None
-        screen_idx = self._pick(len(texts.screen), gen) if lc.lambda_screen > 0 else None
+        lc = self.cfg.loss
+        draw = self.draw(len(layers), tuple(layers.source.shape[-2:]), gen)
         weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap, lc.bootstrap_schedule)
-
+        boot_target = None
+        if weight > 0:
+            boot_target = self._cached("relevancy", cache_key, lambda: self.relevancy(layers.source))
         if self.batched:
-            emb = self._embeddings(layers, paired, screen)
-            boot_target = (
-                self._cached(("relevancy", cache_key), lambda: self.relevancy(layers.source))
-                if weight > 0
-                else None
-            )
-            struct_target = (
-                self._cached(("structure", cache_key), lambda: self.structure_target(layers.source))
-                if lc.lambda_structure > 0
-                else None
-            )
-            return self._terms(layers, emb, comp_idx, dir_idx, screen_idx, weight, boot_target, struct_target)
+            emb = self._embeddings(layers, draw)
+            tokens, target = self._structure_tokens(layers, cache_key)
+            return self._terms(layers, emb, draw, weight, boot_target, tokens, target)
         # reference mode: one example, one loss, one CLIP call at a time
         per_example = []
-        for i in range(b):
+        for i in range(len(layers)):
             one = layers[i]
-            sl = slice(i * n, (i + 1) * n)
-            emb = self._embeddings(
-                one, paired[sl] if paired else None, screen[sl] if screen else None, separate=True
+            mine = StepDraw(
+                *(p[i : i + 1] if p else None for p in (draw.clip, draw.direction, draw.screen)),
+                draw.comp_idx,
+                draw.dir_idx,
+                draw.screen_idx,
             )
-            boot_target = self.relevancy(one.source) if weight > 0 else None
-            struct_target = self.structure_target(one.source) if lc.lambda_structure > 0 else None
-            per_example.append(
-                self._terms(one, emb, comp_idx, dir_idx, screen_idx, weight, boot_target, struct_target)
-            )
-        return {k: sum(t[k] for t in per_example) / b for k in per_example[0]}
+            emb = self._embeddings(one, mine, separate=True)
+            tokens = target = None
+            if lc.lambda_structure > 0:
+                target = self.structure_target(one.source)
+                tokens = self.encode_tokens(self._structure_view(one.composite))
+            boot = boot_target[i : i + 1] if boot_target is not None else None
+            per_example.append(self._terms(one, emb, mine, weight, boot, tokens, target))
+        return {k: sum(t[k] for t in per_example) / len(layers) for k in per_example[0]}
 
-    def _embeddings(self, layers: Layers, paired, screen, separate: bool = False) -> dict:
-        """CLIP embeddings of the output, source and screen views (None where a loss is off)."""
-        lc = self.cfg.loss
-        out_e = src_e = scr_e = None
-        want_out, want_scr = lc.lambda_composition > 0, lc.lambda_screen > 0
-        if want_out and want_scr and not separate:
-            both = self.encode_image(
-                torch.cat([self._views(layers.composite, paired), self._views(layers.greenscreen, screen)])
-            )
-            out_e, scr_e = both[: len(paired)], both[len(paired) :]
-        else:
-            if want_out:
-                out_e = self.encode_image(self._views(layers.composite, paired))
-            if want_scr:
-                scr_e = self.encode_image(self._views(layers.greenscreen, screen))
-        if want_out and self.texts.src is not None:
+    def _embeddings(self, layers: Layers, draw: StepDraw, separate: bool = False) -> dict:
+        """CLIP embeddings of the views: "clip" and "dir_out" (the composite), "dir_src" (the
+        source, no gradient), "screen" (the green-screen image); None where a loss is off."""
+        wanted = {
+            "clip": (layers.composite, draw.clip),
+            "dir_out": (layers.composite, draw.direction),
+            "screen": (layers.greenscreen, draw.screen),
+        }
+        wanted = {k: (images, p) for k, (images, p) in wanted.items() if p}
+        emb: dict[str, torch.Tensor | None] = {"clip": None, "dir_out": None, "dir_src": None, "screen": None}
+        if separate:
+            for name, (images, params) in wanted.items():
+                emb[name] = self.encode_image(self._views(images, params))
+        elif wanted:
+            views = [self._views(images, params) for images, params in wanted.values()]
+            out = self.encode_image(torch.cat(views))
+            for name, part in zip(wanted, out.split([len(v) for v in views]), strict=True):
+                emb[name] = part
+        if draw.direction:
             with torch.no_grad():
-                src_e = self.encode_image(self._views(layers.source, paired))
-        return {"out": out_e, "src": src_e, "screen": scr_e}
+                emb["dir_src"] = self.encode_image(self._views(layers.source, draw.direction))
+        return emb
+
+    def _structure_tokens(self, layers: Layers, cache_key: tuple | None):
+        """Fast path: the output's structure tokens and the target, the crop's target computed in the
+        same CLIP call (a cached target for a repeated key)."""
+        if self.cfg.loss.lambda_structure <= 0:
+            return None, None
+        out_view = self._structure_view(layers.composite)
+        if cache_key is not None and ("structure", cache_key) in self._cache:
+            return self.encode_tokens(out_view), self._cache[("structure", cache_key)]
+        b = len(layers)
+        tokens = self.encode_tokens(torch.cat([out_view, self._structure_view(layers.source)]))
+        with torch.no_grad():
+            target = self_similarity(tokens[b:].detach())
+        if cache_key is not None:
+            self._cache[("structure", cache_key)] = target
+        return tokens[:b], target
 
     def _terms(
-        self,
-        layers: Layers,
-        emb: dict,
-        comp_idx,
-        dir_idx,
-        screen_idx,
-        weight: float,
-        boot_target,
-        struct_target,
+        self, layers: Layers, emb: dict, draw: StepDraw, weight: float, boot_target, tokens, struct_target
     ) -> dict[str, torch.Tensor]:
         lc, texts = self.cfg.loss, self.texts
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=layers.source.device)
-        if emb["out"] is not None:
-            dev = emb["out"].device
-            terms["comp_clip"] = self.distance(emb["out"], texts.comp[comp_idx.to(dev)]).mean()
+        if emb["clip"] is not None:
+            dev = emb["clip"].device
+            terms["comp_clip"] = self.criterion(emb["clip"], texts.comp[draw.comp_idx.to(dev)]).mean()
             comp_total = terms["comp_clip"]
-            if emb["src"] is not None:
-                idx = dir_idx.to(dev)
-                terms["comp_dir"] = directional_loss(emb["out"], emb["src"], texts.comp[idx] - texts.src[idx])
+            if emb["dir_out"] is not None:
+                idx = draw.dir_idx.to(dev)
+                dirs = texts.comp[idx] - texts.src[idx]
+                terms["comp_dir"] = directional_loss(emb["dir_out"], emb["dir_src"], dirs)
                 comp_total = comp_total + terms["comp_dir"]
             total = total + lc.lambda_composition * comp_total
         if emb["screen"] is not None:
             dev = emb["screen"].device
-            terms["screen"] = self.distance(emb["screen"], texts.screen[screen_idx.to(dev)]).mean()
+            terms["screen"] = self.criterion(emb["screen"], texts.screen[draw.screen_idx.to(dev)]).mean()
             total = total + lc.lambda_screen * terms["screen"]
         if struct_target is not None:
-            tokens = self.encode_tokens(self._structure_view(layers.composite))
             terms["structure"] = self_similarity_mse(tokens, struct_target)
             total = total + lc.lambda_structure * terms["structure"]
         if lc.lambda_sparsity > 0:

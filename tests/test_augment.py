@@ -21,6 +21,7 @@ from t2l_fast.augment import (
     perspective_matrix,
     resize_view,
     view_size,
+    whole_patches,
     warp,
 )
 from t2l_fast.config import DataConfig, ViewConfig
@@ -53,42 +54,57 @@ def _no_aug_config(**kw) -> ViewConfig:
 
 
 # -- view_size ----------------------------------------------------------------------------------------
+def _torchvision_resize_size(h: int, w: int, size: int, max_size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(size, max_size)`` output size, written out from its documented rule."""
+    if w <= h:
+        short, long = w, h
+    else:
+        short, long = h, w
+    new_short, new_long = size, int(size * long / short)
+    if new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return new_h, new_w
+
+
 @pytest.mark.parametrize(
     "hw, max_long, expected",
     [
         ((512, 512), 320, (224, 224)),
-        ((512, 768), 320, (224, 320)),  # 336 -> capped at 320
-        ((768, 512), 320, (320, 224)),  # portrait keeps its orientation
-        ((512, 600), 320, (224, 256)),  # 262.5 -> rounded down to 8 patches
-        ((432, 768), 380, (224, 352)),  # video frames: 398 -> capped at 380 -> 11 patches
-        ((512, 1024), 380, (224, 352)),
-        ((1000, 500), 380, (352, 224)),
-        ((300, 310), 320, (224, 224)),  # 231 -> 7 patches
+        ((512, 768), 320, (213, 320)),  # 336 > 320: long side 320, short int(320·224/336) = 213
+        ((768, 512), 320, (320, 213)),  # portrait keeps its orientation
+        ((410, 730), 320, (180, 320)),  # a 16:9 video window
+        ((512, 600), 320, (224, 262)),  # aspect kept, not rounded to patches
+        ((512, 768), 380, (224, 336)),  # structure view: 336 <= 380
+        ((432, 768), 380, (213, 380)),  # 398 > 380: int(380·224/398) = 213
+        ((300, 310), 320, (224, 231)),
     ],
 )
 def test_view_size_values(hw, max_long, expected):
-    assert view_size(*hw, short=224, max_long=max_long, patch=32) == expected
+    assert view_size(*hw, short=224, max_long=max_long) == expected
 
 
 @pytest.mark.parametrize("max_long", [320, 380, 300])
-def test_view_size_properties(max_long):
+def test_view_size_is_torchvisions_resize(max_long):
     for h in range(130, 1200, 37):
         for w in (130, 224, 333, 512, 768, 1111):
-            vh, vw = view_size(h, w, 224, max_long, 32)
-            assert min(vh, vw) == 224
-            assert max(vh, vw) <= max_long
-            assert vh % 32 == 0 and vw % 32 == 0
-            assert vh <= vw if h <= w else vh >= vw  # orientation kept (near-square may become square)
-            # long side as large as the aspect allows: the next patch would break a rule
-            long = max(vh, vw)
-            assert long + 32 > min(max_long, max(h, w) * 224 / min(h, w))
+            assert view_size(h, w, 224, max_long) == _torchvision_resize_size(h, w, 224, max_long)
+            vh, vw = view_size(h, w, 224, max_long)
+            assert abs(vw / vh - w / h) <= 2 / min(vh, vw) * (w / h) + 1e-9  # the aspect ratio is kept
+
+
+def test_whole_patches_drops_the_remainder():
+    x = torch.arange(213 * 320.0).view(1, 1, 213, 320)
+    out = whole_patches(x, 32)
+    assert out.shape == (1, 1, 192, 320)
+    torch.testing.assert_close(out, x[..., :192, :])
 
 
 def test_resize_view_size_and_values():
     img = _smooth(240, 480)
     out = resize_view(img, 224, 380)
-    assert out.shape == (1, 3, 224, 352)
-    ref = F.interpolate(img, size=(224, 352), mode="bilinear", antialias=True, align_corners=False)
+    assert out.shape == (1, 3, 190, 380)  # 448 > 380: long 380, short int(380·224/448) = 190
+    ref = F.interpolate(img, size=(190, 380), mode="bilinear", antialias=True, align_corners=False)
     torch.testing.assert_close(out, ref)
 
 
@@ -290,10 +306,10 @@ def test_make_views_without_augmentation_is_the_resized_image():
     img = _smooth(300, 420)
     size = view_size(300, 420, 224, cfg.max_long_side)
     params = ViewParams.draw(4, size, cfg, torch.Generator().manual_seed(0))
-    assert params.size == (224, 288)
+    assert params.size == (224, 313)  # int(224·420/300) = 313: the aspect ratio kept
     views = make_views(img, params, fill=cfg.fill, min_cover=cfg.min_cover)
-    ref = F.interpolate(img, size=(224, 288), mode="bilinear", antialias=True, align_corners=False)
-    assert views.shape == (4, 3, 224, 288)
+    ref = F.interpolate(img, size=(224, 313), mode="bilinear", antialias=True, align_corners=False)
+    assert views.shape == (4, 3, 224, 313)
     for v in views:
         torch.testing.assert_close(v, ref[0], rtol=0, atol=1e-4)
 
@@ -324,7 +340,7 @@ def test_make_views_full_augmentation_shapes_and_range():
     params = ViewParams.draw(8, size, cfg, torch.Generator().manual_seed(3))
     assert len(params) == 8 and params.geometry.shape == (8, 3, 3)
     views = make_views(img, params, fill=cfg.fill, min_cover=cfg.min_cover)
-    assert views.shape == (8, 3, 224, 320)  # 350 * 224 / 200 = 392 -> capped at 320
+    assert views.shape == (8, 3, 182, 320)  # 350·224/200 = 392 > 320: long 320, short int(320·224/392)
     assert torch.isfinite(views).all()
     assert views.min() >= 0 and views.max() <= 1
     # views differ from each other

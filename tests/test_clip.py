@@ -54,9 +54,17 @@ def test_tokens_are_the_penultimate_block(tiny_clip):
     torch.testing.assert_close(tiny_clip.encode_tokens(x), h, atol=1e-5, rtol=1e-5)
 
 
-def test_view_size_must_tile_patches(tiny_clip):
-    with pytest.raises(ValueError, match="multiple of the patch"):
-        tiny_clip.encode_image(torch.rand(1, 3, 224, 230))
+def test_pixels_past_the_last_whole_patch_are_dropped(tiny_clip):
+    """As the original's strided patch embedding: a 213x320 view reads its top-left 192x320."""
+    x = torch.rand(2, 3, 213, 330, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(tiny_clip.encode_image(x), tiny_clip.encode_image(x[..., :192, :320]))
+    changed = x.clone()
+    changed[..., 200:, :] = 0.0  # the dropped rows do not matter ...
+    torch.testing.assert_close(tiny_clip.encode_image(changed), tiny_clip.encode_image(x))
+    changed[..., 100, :] = 0.0  # ... the others do
+    assert not torch.allclose(tiny_clip.encode_image(changed), tiny_clip.encode_image(x))
+    with pytest.raises(ValueError, match="smaller than one"):
+        tiny_clip.encode_image(torch.rand(1, 3, 20, 230))
 
 
 def test_text_embeddings(tiny_clip):

@@ -196,7 +196,7 @@ def test_reference_example_config(tmp_path):
     assert cfg.effective_bootstrap_prompt == "horse"
     # everything else keeps the image defaults
     rest = dataclasses.replace(cfg, prompt="", screen_prompt=None, roi_prompt=None, bootstrap_prompt=None)
-    rest.loss.bootstrap_steps = None
+    rest.loss.bootstrap_steps = 0
     assert rest == preset("image")
     cfg.validate()
 
@@ -299,7 +299,7 @@ def test_overrides_apply_with_types():
             "optim.lr=1e-3",
             "roi_prompt=car",
             "n_epochs=20",
-            "loss.bootstrap_steps=none",
+            "loss.bootstrap_steps=40",
             "views.n_aug=5.0",
         ],
     )
@@ -309,7 +309,7 @@ def test_overrides_apply_with_types():
     assert cfg.roi_prompt == "car"
     assert cfg.optim.lr == 1e-3
     assert cfg.optim.steps == 20  # reference flat key works on the command line too
-    assert cfg.loss.bootstrap_steps is None
+    assert cfg.loss.bootstrap_steps == 40
 
 
 def test_override_value_keeps_equals_signs():
@@ -419,24 +419,22 @@ def test_effective_screen_prompt():
 def test_effective_bootstrap():
     cfg = _valid()
     cfg.optim.steps = 321
-    # no ROI prompt: no bootstrap, whatever bootstrap_steps says
-    assert cfg.effective_bootstrap_prompt is None
-    assert cfg.effective_bootstrap_steps == 0
-    cfg.loss.bootstrap_steps = 50
-    assert cfg.effective_bootstrap_steps == 0
-    # a ROI prompt: bootstrap over bootstrap_steps; None means all steps; 0 means off
+    # off by default, as the original's bootstrap_epoch: -1, even with a ROI prompt
+    assert cfg.loss.bootstrap_steps == 0 and preset("video").loss.bootstrap_steps == 0
     cfg.roi_prompt = "cat"
+    assert cfg.effective_bootstrap_steps == 0
+    # asked for: over bootstrap_steps, the relevancy of the ROI prompt
+    cfg.loss.bootstrap_steps = 50
     assert cfg.effective_bootstrap_prompt == "cat"
     assert cfg.effective_bootstrap_steps == 50
-    cfg.loss.bootstrap_steps = None
-    assert cfg.effective_bootstrap_steps == 321
-    cfg.loss.bootstrap_steps = 0
-    assert cfg.effective_bootstrap_steps == 0
     # the bootstrap text takes precedence over the ROI prompt for the relevancy map
-    cfg.loss.bootstrap_steps = None
     cfg.bootstrap_prompt = "cat face"
     assert cfg.effective_bootstrap_prompt == "cat face"
-    assert cfg.effective_bootstrap_steps == 321
     # a zero weight switches it off too
     cfg.loss.lambda_bootstrap = 0.0
     assert cfg.effective_bootstrap_steps == 0
+    # asked for without any region to look for: one clear error
+    cfg = _valid()
+    cfg.loss.bootstrap_steps = 10
+    with pytest.raises(InputError, match="--roi-prompt"):
+        cfg.validate()

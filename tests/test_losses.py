@@ -106,14 +106,19 @@ def test_text_templates():
     ]
 
 
-def test_texts_encoded_once_and_normalised(tiny_clip):
+def test_texts_are_clips_raw_embeddings(tiny_clip):
     cfg = small_config()
     cfg.roi_prompt = "cat"
     texts = Texts.encode(tiny_clip, cfg)
     assert texts.comp.shape[0] == 14 and texts.screen.shape[0] == 2 and texts.src.shape[0] == 14
-    torch.testing.assert_close(texts.comp.norm(dim=-1), torch.ones(14))
-    assert texts.bootstrap is not None  # bootstrap prompt defaults to the ROI prompt
+    # raw, as the original's encode_text: not normalised
+    torch.testing.assert_close(texts.comp, tiny_clip.encode_text(expand_templates("a golden cat")))
+    assert float((texts.comp.norm(dim=-1) - 1).abs().max()) > 0.1
+    assert texts.bootstrap is None  # the bootstrap is off unless asked for (the original's default)
+    cfg.loss.bootstrap_steps = 5
+    assert Texts.encode(tiny_clip, cfg).bootstrap is not None  # its prompt defaults to the ROI prompt
     cfg.roi_prompt = None
+    cfg.loss.bootstrap_steps = 0
     texts = Texts.encode(tiny_clip, cfg)
     assert texts.src is None and texts.bootstrap is None
 
@@ -121,6 +126,7 @@ def test_texts_encoded_once_and_normalised(tiny_clip):
 def test_objective_total_is_the_weighted_sum(tiny_clip, image):
     cfg = small_config(lambda_structure=2.0, lambda_sparsity=6.0, lambda_screen=1.5, lambda_composition=0.5)
     cfg.roi_prompt = "cat"
+    cfg.loss.bootstrap_steps = cfg.optim.steps
     objective = Objective(tiny_clip, cfg)
     rgba = torch.rand(1, 4, *image.shape[-2:])
     terms = objective(Layers.from_rgba(rgba, image[None]), step=0, gen=torch.Generator().manual_seed(0))
@@ -153,6 +159,7 @@ def test_objective_without_roi_has_no_directional_or_bootstrap(tiny_clip, image)
 def test_bootstrap_term_is_mse_to_the_relevancy_map(tiny_clip, image):
     cfg = small_config(lambda_composition=0.0, lambda_screen=0.0, lambda_structure=0.0, lambda_sparsity=0.0)
     cfg.roi_prompt = "cat"
+    cfg.loss.bootstrap_steps = 2
     objective = Objective(tiny_clip, cfg)
     rgba = torch.rand(1, 4, 140, 170)
     rgba[:, 3] = 0.25  # constant alpha: the loss is mean((0.25 - R)^2)

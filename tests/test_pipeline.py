@@ -21,6 +21,7 @@ def test_public_names():
 def test_edit_returns_every_layer(tiny_clip, image):
     cfg = small_config(steps=2)
     cfg.roi_prompt = "cat"
+    cfg.loss.bootstrap_steps = 2
     result = ImageEditor(cfg, device="cpu", clip=tiny_clip)(image)
     h, w = image.shape[-2:]
     assert result.composite.shape == (3, h, w) and result.greenscreen.shape == (3, h, w)

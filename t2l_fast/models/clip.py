@@ -44,8 +44,9 @@ class ClipWeightsError(InputError):
 class Clip(nn.Module):
     """A frozen open_clip CLIP with the image forward Text2LIVE needs.
 
-    Images given to the ``encode_*`` methods are RGB in [0, 1], shape (B, 3, h, w) with h and w
-    multiples of the patch size; normalisation happens inside.
+    Images given to the ``encode_*`` methods are RGB in [0, 1], shape (B, 3, h, w); as in the
+    original, the strided patch embedding reads whole patches only (pixels past the last whole patch
+    are dropped). Normalisation happens inside.
     """
 
     def __init__(self, model: nn.Module, tokenizer, name: str, is_test_model: bool = False):
@@ -119,9 +120,10 @@ class Clip(nn.Module):
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         v = self.model.visual
-        h, w = images.shape[-2:]
-        if h % self.patch or w % self.patch:
-            raise ValueError(f"view size {(h, w)} is not a multiple of the patch size {self.patch}")
+        if min(images.shape[-2:]) < self.patch:
+            raise ValueError(
+                f"view size {tuple(images.shape[-2:])} is smaller than one {self.patch}-px patch"
+            )
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         x = v.conv1(x.to(v.conv1.weight.dtype))  # (B, D, gh, gw)
         gh, gw = x.shape[-2:]

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..augment import view_size
 from ..config import Config, preset
 from ..io import InputError, atomic_path
 from ..losses import Objective
@@ -74,18 +73,15 @@ class Editor:
         return clip, self.engine
 
     @staticmethod
-    def objective(clip: Clip, cfg: Config, engine: Engine, hw: tuple[int, int]) -> Objective:
-        """Reference mode: the loss as the original computes it. Fast path: batched, with one view
-        size and one structure-view size per run (from the aspect ratio ``hw``) and compiled CLIP."""
+    def objective(clip: Clip, cfg: Config, engine: Engine) -> Objective:
+        """Reference mode: the loss as the original computes it. Fast path: batched, compiled CLIP
+        (its input shapes are the few whole-patch view sizes)."""
         if not engine.fast:
             return Objective(clip, cfg, batched=False)
-        v = cfg.views
         return Objective(
             clip,
             cfg,
             batched=True,
-            view_size=view_size(*hw, v.short_side, v.max_long_side, clip.patch),
-            structure_size=view_size(*hw, v.short_side, v.structure_max_long_side, clip.patch),
             encode_image=engine.compiled(clip.encode_image, dynamic=False),
             encode_tokens=engine.compiled(clip.encode_tokens, dynamic=False),
         )

@@ -146,7 +146,7 @@ class ImageEditor(Editor):
         source = source.to(device)
         generator = Generator(cfg.generator).to(device)
         run_generator = engine.compiled(generator, dynamic=None)  # a few bucketed sizes
-        objective = self.objective(clip, cfg, engine, tuple(source.shape[-2:]))
+        objective = self.objective(clip, cfg, engine)
 
         def examples_of_step(step: int, gen: torch.Generator):
             crops = [(draw_example(source, cfg.data, gen, generator.min_side, engine.bucket), None)]

@@ -257,16 +257,21 @@ class VideoEditor(Editor):
         generator = Generator(cfg.generator).to(device)
         run_generator = engine.compiled(generator, dynamic=None)
         sampler = _CropSampler(cfg, inputs, device, generator.min_side, engine.bucket)
-        objective = self.objective(clip, cfg, engine, sampler.window_hw_hint)
+        objective = self.objective(clip, cfg, engine)
+        foreground = cfg.video.layer == "foreground"
 
         def generate(x: torch.Tensor) -> torch.Tensor:
             return _at_least(run_generator, x, generator.min_side).float()
 
+        def jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            """The original's crop augmentation: colour jitter (0.1) with probability data.jitter_p."""
+            if float(torch.rand(1, generator=gen)) < cfg.data.jitter_p:
+                return apply_colour(x, ColourParams.draw(1, 1.0, 0.1, 0.0, gen))
+            return x
+
         def examples_of_step(step: int, gen: torch.Generator):
             crop = sampler.draw(gen)
-            atlas_in = crop.atlas
-            if float(torch.rand(1, generator=gen)) < cfg.data.jitter_p:
-                atlas_in = apply_colour(atlas_in, ColourParams.draw(1, 1.0, 0.1, 0.0, gen))
+            atlas_in = jitter(crop.atlas, gen)
             flip = float(torch.rand(1, generator=gen)) < cfg.data.flip_p
             rgba = generate(atlas_in.flip(-1) if flip else atlas_in)
             rgba = rgba.flip(-1) if flip else rgba
@@ -280,10 +285,18 @@ class VideoEditor(Editor):
                 a.mean(dim=(1, 2, 3)),
                 (2 * torch.sigmoid(5 * a) - 1).mean(dim=(1, 2, 3)),
             )
-            k = int(torch.randint(3, (1,), generator=gen))  # one frame crop fed to the generator directly
-            one = generate(crop.frames[k : k + 1])
-            one = torch.cat([one[:, :3], one[:, 3:] * crop.opacity[k : k + 1, None]], dim=1)
-            direct = Layers.from_rgba(one, crop.frames[k : k + 1])
+            # one window fed to the generator directly, as the original: the layer's reconstruction
+            # (background: the atlas sampled there, without the object; foreground: the object over
+            # black), jittered and flipped like the atlas crop; a foreground output is multiplied by A
+            k = int(torch.randint(3, (1,), generator=gen))
+            src = jitter(sampler.reconstruction(crop, k), gen)
+            a_k = crop.opacity[k : k + 1, None]
+            if flip:
+                src, a_k = src.flip(-1), a_k.flip(-1)
+            one = generate(src)
+            if foreground:
+                one = one * a_k
+            direct = Layers.from_rgba(one, src)
             batch = Layers(
                 *(torch.cat([x, y]) for x, y in zip(_fields(frames), _fields(direct), strict=True))
             )
@@ -313,10 +326,10 @@ class VideoEditor(Editor):
     ) -> VideoEditResult:
         """The generator on the whole atlas once, sampled at every pixel's UV, over the original frames."""
         engine = self.engine
-        atlas_img = sampler.atlas_image[None]  # (1, 3, h, w) unpadded
+        region = sampler.region_image  # (1, 3, h, w): foreground: the object's part of the atlas
         with engine.autocast():
-            rgba = _at_least(generator, atlas_img, generator.min_side).float()
-        atlas_out = composite_rgba(rgba, atlas_img)
+            rgba = sampler.to_full(_at_least(generator, region, generator.min_side).float())
+        atlas_out = composite_rgba(rgba, sampler.atlas_image[None])
         layer = cfg.video.layer
         data = sampler.data
         t = data.num_frames
@@ -382,7 +395,13 @@ class _Crop:
 
 class _CropSampler:
     """Draws a step's frame windows and the matching atlas crop (DESIGN §2), with fixed shapes on the
-    fast path (window and atlas-crop sides rounded to ``bucket``)."""
+    fast path (windows resampled to the nearest multiple of ``bucket`` on each side, atlas crops
+    rounded up to it).
+
+    Foreground edits use the part of the atlas that the object's boxes map to (the original's
+    ``get_atlas_bounding_box``): for the whole-atlas step and the final render, padded back to the
+    full atlas by replicating its border.
+    """
 
     def __init__(self, cfg: Config, inputs: VideoInput, device: torch.device, smallest: int, bucket: int):
         self.cfg, self.device, self.smallest, self.bucket = cfg, device, smallest, bucket
@@ -401,34 +420,61 @@ class _CropSampler:
         ph = self._round_up(max(ha, smallest)) - ha
         pw = self._round_up(max(wa, smallest)) - wa
         self.padded = F.pad(self.atlas_image[None], (0, pw, 0, ph), mode="replicate")
+        self.region = (0, 0, ha, wa)  # (v0, u0, h, w) of the atlas the generator sees whole
         if self.layer == "foreground":
             self.boxes = _foreground_boxes(
                 alpha.cpu(), cfg.video.mask_threshold, cfg.video.mask_border, smallest
             )
+            self.region = self._boxes_region(ha, wa)
+        v0, u0, rh, rw = self.region
+        self.region_image = self.atlas_image[None, :, v0 : v0 + rh, u0 : u0 + rw]
         factor = cfg.video.atlas_downscale if self.layer == "background" else 1
-        whole = self.atlas_image[None]
+        whole = self.region_image
         if factor > 1:
             whole = F.interpolate(
                 whole,
-                size=(max(1, ha // factor), max(1, wa // factor)),
+                size=(max(1, rh // factor), max(1, rw // factor)),
                 mode="bilinear",
                 antialias=True,
                 align_corners=False,
             )
         self.whole_atlas = whole
-        h, w = data.height, data.width
-        self.window_hw_hint = (
-            (h, w) if self.layer == "background" else tuple(self.boxes[:, 2:].max(0).values.tolist())
-        )
+
+    def _boxes_region(self, ha: int, wa: int) -> tuple[int, int, int, int]:
+        """The texel box (v0, u0, h, w) of the UVs inside every frame's object box."""
+        lo = torch.full((2,), float("inf"), device=self.device)
+        hi = torch.full((2,), float("-inf"), device=self.device)
+        for t, (y, x, bh, bw) in enumerate(self.boxes.tolist()):
+            uv = self.texels[t, y : y + bh, x : x + bw].reshape(-1, 2)
+            lo, hi = torch.minimum(lo, uv.amin(0)), torch.maximum(hi, uv.amax(0))
+        u0, v0 = (int(max(0, min(int(c), n - 1))) for c, n in zip(lo.floor().tolist(), (wa, ha), strict=True))
+        u1, v1 = (int(max(0, min(int(c), n - 1))) for c, n in zip(hi.ceil().tolist(), (wa, ha), strict=True))
+        return v0, u0, v1 - v0 + 1, u1 - u0 + 1
+
+    def to_full(self, rgba: torch.Tensor) -> torch.Tensor:
+        """(1, C, h, w) on the region -> (1, C, H, W) on the whole atlas, the border replicated."""
+        v0, u0, rh, rw = self.region
+        ha, wa = self.atlas_image.shape[-2:]
+        if (rh, rw) == (ha, wa):
+            return rgba
+        return F.pad(rgba, (u0, wa - u0 - rw, v0, ha - v0 - rh), mode="replicate")
+
+    def reconstruction(self, crop: _Crop, k: int) -> torch.Tensor:
+        """(1, 3, hc, wc): window ``k`` of the layer alone — the background atlas sampled there (the
+        original's background reconstruction), or the object over black."""
+        if self.layer == "foreground":
+            return crop.frames[k : k + 1]
+        rec = F.grid_sample(crop.atlas, crop.grid[k : k + 1], mode="bilinear", align_corners=False)
+        return rec.clamp(0, 1)
 
     def _round_up(self, n: int) -> int:
         return -(-n // self.bucket) * self.bucket
 
-    def _window_side(self, side: float, limit: int) -> int:
-        side = max(1, min(limit, round(side)))
-        if self.bucket > 1 and side > self.bucket:
-            side = max(self.bucket, side // self.bucket * self.bucket)
-        return side
+    def _tensor_side(self, side: int) -> int:
+        """The window's side in the training tensors: the nearest multiple of the bucket."""
+        if self.bucket <= 1:
+            return side
+        return max(self.bucket, round(side / self.bucket) * self.bucket)
 
     def draw(self, gen: torch.Generator) -> _Crop:
         cfg = self.cfg
@@ -438,14 +484,14 @@ class _CropSampler:
         idx = [t - d, t, t + d]
         cover = cfg.data.crop_min_cover + (1 - cfg.data.crop_min_cover) * torch.rand(2, generator=gen)
         if self.layer == "background":
-            hc, wc = self._window_side(h * float(cover[0]), h), self._window_side(w * float(cover[1]), w)
+            hc, wc = max(1, min(h, round(h * float(cover[0])))), max(1, min(w, round(w * float(cover[1]))))
             y0 = int(torch.randint(0, h - hc + 1, (1,), generator=gen))
             x0 = int(torch.randint(0, w - wc + 1, (1,), generator=gen))
             starts = [(y0, x0)] * 3
         else:
             boxes = self.boxes[idx]
-            hc = self._window_side(float(boxes[:, 2].max()) * float(cover[0]), h)
-            wc = self._window_side(float(boxes[:, 3].max()) * float(cover[1]), w)
+            hc = max(1, min(h, round(float(boxes[:, 2].max()) * float(cover[0]))))
+            wc = max(1, min(w, round(float(boxes[:, 3].max()) * float(cover[1]))))
             starts = []
             for y, x, bh, bw in boxes.tolist():
                 cy = y + bh / 2 + (bh - hc) / 2 * (2 * float(torch.rand(1, generator=gen)) - 1) * (bh > hc)
@@ -456,15 +502,23 @@ class _CropSampler:
                         int(min(max(round(cx - wc / 2), 0), w - wc)),
                     )
                 )
-        frames = torch.stack(
-            [self.train_frames[i, :, y : y + hc, x : x + wc] for i, (y, x) in zip(idx, starts, strict=True)]
-        )
-        opacity = torch.stack(
-            [self.opacity[i, y : y + hc, x : x + wc] for i, (y, x) in zip(idx, starts, strict=True)]
-        )
-        texels = torch.stack(
-            [self.texels[i, y : y + hc, x : x + wc] for i, (y, x) in zip(idx, starts, strict=True)]
-        )
+
+        def windows(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack(
+                [x[i, ..., y : y + hc, x0 : x0 + wc] for i, (y, x0) in zip(idx, starts, strict=True)]
+            )
+
+        frames = windows(self.train_frames)  # (3, 3, hc, wc)
+        opacity = windows(self.opacity)  # (3, hc, wc)
+        texels = windows(self.texels.permute(0, 3, 1, 2))  # (3, 2, hc, wc)
+        size = (self._tensor_side(hc), self._tensor_side(wc))
+        if size != (hc, wc):  # resample the window to its bucketed size (its cover stays as drawn)
+            frames, opacity, texels = (
+                F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+                for x in (frames, opacity[:, None], texels)
+            )
+            opacity = opacity[:, 0]
+        texels = texels.permute(0, 2, 3, 1)  # (3, h, w, 2)
         # atlas crop: the texel box of the windows' UVs, grown to the generator's minimum / the bucket
         lo = texels.reshape(-1, 2).amin(0).floor()
         hi = texels.reshape(-1, 2).amax(0).ceil()
@@ -475,6 +529,6 @@ class _CropSampler:
         v0 = int(min(max(float((lo[1] + hi[1]) / 2) - size_v / 2, 0), ph - size_v))
         atlas = self.padded[:, :, v0 : v0 + size_v, u0 : u0 + size_u]
         origin = torch.tensor([u0, v0], dtype=torch.float32, device=self.device)
-        size = torch.tensor([size_u, size_v], dtype=torch.float32, device=self.device)
-        grid = (2 * (texels - origin) + 1) / size - 1
+        extent = torch.tensor([size_u, size_v], dtype=torch.float32, device=self.device)
+        grid = (2 * (texels - origin) + 1) / extent - 1
         return _Crop(atlas, grid, frames, opacity)
