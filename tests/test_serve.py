@@ -1,0 +1,278 @@
+"""The handlers of ``t2l-fast serve`` without a browser: input checks, an image edit with its progress
+and outputs, cancelling, the video tab (atlas fit, then an edit), the page's queue, the command."""
+
+from __future__ import annotations
+
+import socket
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from t2l_fast import cli
+from t2l_fast.io import InputError
+from t2l_fast.serve import App, Limits, checkerboard, extract_images, samples
+from t2l_fast.synthetic import two_layer_scene
+
+SMALL = "generator.channels_down=8\ngenerator.channels_up=8\nruntime.log_every=1"
+
+
+@pytest.fixture
+def app(tiny_clip, tmp_path):
+    return App(tiny_clip, "cpu", tmp_path / "work")
+
+
+@pytest.fixture
+def picture(tmp_path):
+    """A 200x150 RGB image file."""
+    y, x = np.mgrid[0:150, 0:200]
+    arr = np.stack([x * 255 // 200, y * 255 // 150, (x + y) % 256], -1).astype(np.uint8)
+    path = tmp_path / "picture.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def image_config(app, steps=2, **kw):
+    return app.image_config("a golden cat", steps=steps, advanced={"views.n_aug": 2.0}, more=SMALL, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------
+def test_bad_images_get_one_readable_line(app, tmp_path, picture):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(InputError, match="notes.txt is not an image file"):
+        app.load_image(text)
+    with pytest.raises(InputError, match="upload an image or pick a sample"):
+        app.load_image(None)
+    small = App(app.clip, "cpu", tmp_path / "w2", Limits(max_megapixels=0.01))
+    with pytest.raises(InputError, match=r"200x150 .* up to 0.01 MP"):
+        small.load_image(picture)
+    assert app.load_image(picture).size == (200, 150)
+    for name, path in samples().items():  # the bundled samples load
+        assert min(app.load_image(path).size) >= 129, name
+
+
+def test_bad_settings_get_one_readable_line(app):
+    with pytest.raises(InputError, match="enter a prompt"):
+        app.image_config("   ")
+    with pytest.raises(InputError, match="not key=value"):
+        app.image_config("cat", more="generator.channels_down 8")
+    with pytest.raises(InputError, match="no_such"):
+        app.image_config("cat", more="loss.no_such=1")
+    with pytest.raises(InputError, match="steps must be a whole number"):
+        app.image_config("cat", steps=0)
+    with pytest.raises(InputError, match="needs the ROI prompt"):
+        app.image_config("cat", bootstrap=True)
+    cfg = app.image_config(
+        "cat", " ", "the cat", steps=7, seed=3, advanced={"data.size": 160.0}, bootstrap=True
+    )
+    assert (cfg.prompt, cfg.screen_prompt, cfg.roi_prompt) == ("cat", None, "the cat")
+    assert (cfg.optim.steps, cfg.seed, cfg.data.size, cfg.loss.bootstrap_steps) == (7, 3, 160, 7)
+    assert cfg.clip == "test-tiny"
+
+
+def test_zip_members_cannot_escape_and_are_bounded(tmp_path):
+    archive = tmp_path / "frames.zip"
+    buf = Image.new("RGB", (8, 8))
+    buf.save(tmp_path / "a.png")
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(tmp_path / "a.png", "../../evil.png")
+        zf.write(tmp_path / "a.png", "clip/00001.png")
+        zf.writestr("readme.txt", "ignored")
+    out = extract_images(archive, tmp_path / "x" / "frames", "frames", Limits())
+    assert sorted(p.name for p in out.iterdir()) == ["00001.png", "evil.png"]
+    assert not (tmp_path / "evil.png").exists()
+    with pytest.raises(InputError, match="holds 2 images; the page accepts 1"):
+        extract_images(archive, tmp_path / "y", "frames", Limits(max_zip_files=1))
+    (tmp_path / "bad.zip").write_text("not a zip")
+    with pytest.raises(InputError, match="bad.zip is not a zip file"):
+        extract_images(tmp_path / "bad.zip", tmp_path / "z", "masks", Limits())
+
+
+def test_checkerboard_shows_opacity():
+    rgba = torch.zeros(4, 24, 24)
+    rgba[0] = 1.0
+    rgba[3, :, :12] = 1.0  # opaque red on the left, transparent on the right
+    arr = np.asarray(checkerboard(rgba, cell=6))
+    assert (arr[:, :12] == [255, 0, 0]).all()
+    right = arr[:, 12:, 0]
+    assert set(np.unique(right)) == {153, 204}  # the two greys of the board
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image edits
+# ---------------------------------------------------------------------------------------------------
+def test_image_edit_reports_progress_then_every_output(app, picture):
+    updates = list(app.edit_image("s1", picture, image_config(app, preview_every=1)))
+    statuses = [u["status"] for u in updates if "status" in u]
+    assert any("step 1 / 2" in s for s in statuses) and any("step 2 / 2" in s for s in statuses)
+    previews = [u for u in updates[:-1] if "preview" in u]
+    assert len(previews) == 2 and all("preview_edit" in u for u in previews)  # composite and edit layer
+    assert previews[0]["preview"].size == (200, 150)
+    plots = [u["losses"] for u in updates if "losses" in u]
+    assert len(plots[0]) > 0 and plots[0]["value"].dtype == np.float64
+
+    final = updates[-1]
+    assert "done: 2 steps" in final["status"] and "NOT real edits" in final["status"]
+    assert set(final["losses"]["step"]) == {1, 2} and "loss" in set(final["losses"]["term"])
+    for key in ("composite", "alpha", "greenscreen"):
+        assert Image.open(final[key]).size == (200, 150), key
+    assert final["edit_layer"].size == (200, 150)
+    names = set(zipfile.ZipFile(final["download"]).namelist())
+    assert {"composite.png", "edit_layer.png", "alpha.png", "greenscreen.png"} <= names
+    assert {"config.yaml", "generator.safetensors"} <= names
+    assert app.cancel("s1").startswith("nothing to cancel")  # the run is over
+
+
+def test_cancel_stops_at_the_current_step_and_keeps_the_result(app, picture):
+    assert app.cancel("s2").startswith("nothing to cancel")
+    run = app.edit_image("s2", picture, image_config(app, steps=40))
+    for update in run:
+        if "step 2 / 40" in update.get("status", ""):
+            assert app.cancel("other").startswith("nothing")  # another page's button does nothing
+            assert app.cancel("s2").startswith("cancelling")
+            break
+    final = list(run)[-1]
+    done = int(final["status"].split("cancelled after ")[1].split()[0])
+    assert 2 <= done < 40
+    assert {"config.yaml", "generator.safetensors"} <= set(zipfile.ZipFile(final["download"]).namelist())
+
+
+def test_closing_the_page_stops_the_run(app, picture):
+    run = app.edit_image("s3", picture, image_config(app, steps=40))
+    for update in run:
+        if "step 1 / 40" in update.get("status", ""):
+            break
+    run.close()  # what the server does when the page goes away: the run is cancelled and waited for
+    assert app.cancel("s3").startswith("nothing to cancel")
+    assert len(list(app.workdir.glob("image-*/generator.safetensors"))) == 1
+
+
+def test_a_failing_run_reports_one_line_and_the_app_serves_on(app, picture, monkeypatch):
+    from t2l_fast.pipeline.image import ImageEditor
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageEditor, "train", boom)
+        with pytest.raises(InputError, match="the run failed: RuntimeError: out of memory"):
+            list(app.edit_image("s4", picture, image_config(app)))
+    assert "done: 1 steps" in list(app.edit_image("s4", picture, image_config(app, steps=1)))[-1]["status"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Video edits
+# ---------------------------------------------------------------------------------------------------
+def _zip_images(path, images):
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, arr in enumerate(images):
+            tmp = path.parent / f"_{i:05d}.png"
+            Image.fromarray(arr).save(tmp)
+            zf.write(tmp, f"seq/{i:05d}.png")
+            tmp.unlink()
+    return path
+
+
+@pytest.fixture(scope="module")
+def video_zips(tmp_path_factory):
+    """The synthetic two-layer video (8 frames of 96x64) as a frames zip and a masks zip."""
+    data, frames = two_layer_scene()
+    folder = tmp_path_factory.mktemp("video")
+    rgb = [(f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for f in frames]
+    masks = [((a > 0.5).numpy() * 255).astype(np.uint8) for a in data.alpha]
+    return _zip_images(folder / "frames.zip", rgb), _zip_images(folder / "masks.zip", masks)
+
+
+def video_config(app, layer="background"):
+    return app.video_config("winter", layer=layer, steps=2, more=SMALL + "\nviews.n_aug=2")
+
+
+def test_fit_then_edit_a_video(app, video_zips):
+    frames_zip, masks_zip = video_zips
+    fit = list(app.fit_atlas("v", frames_zip, masks_zip, iterations=20, size="96x64"))
+    assert any("step 20 / 20" in u.get("status", "") for u in fit)
+    final = fit[-1]
+    assert "atlas fitted: 20 iterations" in final["status"] and "background only" not in final["status"]
+    for key in ("atlas", "reconstruction", "background_atlas", "foreground_atlas"):
+        assert final[key] and open(final[key], "rb").read(4), key
+
+    updates = list(app.edit_video("v", frames_zip, final["atlas"], video_config(app, "foreground")))
+    result = updates[-1]
+    assert "done: 2 steps" in result["status"]
+    assert open(result["edited"], "rb").read(12)[4:8] == b"ftyp"  # an MP4 the page can play
+    names = set(zipfile.ZipFile(result["download"]).namelist())
+    assert {
+        "edited.mp4",
+        "greenscreen.mp4",
+        "atlas_edit.png",
+        "config.yaml",
+        "generator.safetensors",
+    } <= names
+
+
+def test_foreground_edit_without_masks_says_so(app, video_zips):
+    frames_zip, _ = video_zips
+    final = list(app.fit_atlas("v2", frames_zip, None, iterations=3, size="96x64"))[-1]
+    assert "background only" in final["status"]
+    with pytest.raises(InputError, match="foreground edit needs the object's masks"):
+        list(app.edit_video("v2", frames_zip, final["atlas"], video_config(app, "foreground")))
+
+
+def test_bad_video_inputs(app, tmp_path, video_zips):
+    frames_zip, _ = video_zips
+    with pytest.raises(InputError, match="upload a video"):
+        list(app.fit_atlas("v3", None, None))
+    text = tmp_path / "clip.txt"
+    text.write_text("x")
+    with pytest.raises(InputError, match="clip.txt is not a video"):
+        list(app.fit_atlas("v3", text, None))
+    with pytest.raises(InputError, match="holds no PNG or JPEG images"):
+        list(app.fit_atlas("v3", frames_zip, text_zip(tmp_path)))
+    with pytest.raises(InputError, match="WIDTHxHEIGHT"):
+        list(app.fit_atlas("v3", frames_zip, None, size="big"))
+    with pytest.raises(InputError, match="fit an atlas first"):
+        list(app.edit_video("v3", frames_zip, None, video_config(app)))
+    with pytest.raises(InputError, match="enter a prompt"):
+        app.video_config("")
+
+
+def text_zip(tmp_path):
+    path = tmp_path / "masks.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("notes.txt", "no images here")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page and the command
+# ---------------------------------------------------------------------------------------------------
+def test_runs_share_one_queue_of_one_and_checks_do_not_wait(app):
+    from t2l_fast.serve_page import RUN_QUEUE, build_page
+
+    page = build_page(app)
+    fns = {}
+    for fn in page.fns.values():
+        fns.setdefault(fn.name, []).append(fn)
+    runs = fns["edit"] + fns["run_fit"]
+    assert len(runs) == 3  # image edit, atlas fit, video edit
+    assert all(f.concurrency_id == RUN_QUEUE and f.concurrency_limit == 1 for f in runs)
+    for name in ("check", "load", "stop"):
+        assert all(f.concurrency_limit is None for f in fns[name]), name
+
+
+def test_serve_says_in_one_line_when_the_port_is_taken():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = CliRunner().invoke(cli.app, ["serve", "--clip", "test-tiny", "--port", str(port)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: port {port} on 127.0.0.1 is already in use: stop the other server or pass --port N"
+    )
