@@ -155,7 +155,21 @@ def atlas_case(
     )
 
 
-def build_cases(smoke: bool, providers: Sequence[str]) -> list[Case]:
+def pipeline_cases(providers: Sequence[str]) -> list[Case]:
+    """The shapes the pipeline really runs: image 512x768 (crops bucketed to multiples of 64, the
+    largest 640x960; one example per call, two when the un-augmented source joins), structure tokens
+    of ViT-B/32 on the 224x320 structure view (70 patches + CLS = 71 tokens, width 768), and the
+    video's atlas crops and final render."""
+    cases = [composite_case(b, h, w, providers) for b, h, w in ((1, 512, 768), (2, 512, 768), (1, 640, 960))]
+    cases += [ssim_case(b, 71, 768, providers) for b in (1, 2)]
+    cases.append(atlas_case("crop-1600x900-3x768x432", 3, 432, 768, 900, 1600, providers))
+    cases.append(atlas_case("render-70x768x432", 70, 432, 768, 900, 1600, providers, modes=("fwd",)))
+    return cases
+
+
+def build_cases(smoke: bool, providers: Sequence[str], shapes: str = "product") -> list[Case]:
+    if shapes == "pipeline" and not smoke:
+        return pipeline_cases(providers)
     if smoke:
         return [
             composite_case(2, 16, 24, providers),
@@ -372,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ops", nargs="*", default=None, help="only these ops (composite, self_similarity_mse, sample_atlas)"
     )
     parser.add_argument("--providers", nargs="*", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument(
+        "--shapes",
+        choices=("product", "pipeline"),
+        default="product",
+        help="size sweep, or the pipeline's shapes",
+    )
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -389,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, 64)
 
-    cases = [c for c in build_cases(args.smoke, providers) if not args.ops or c.op in args.ops]
+    cases = [c for c in build_cases(args.smoke, providers, args.shapes) if not args.ops or c.op in args.ops]
     rows: list[dict] = []
     for case in cases:
         case_rows = run_case(case, device, dtype, reps)

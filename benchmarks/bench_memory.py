@@ -58,7 +58,7 @@ def measure(clip, cfg, precision: str, image: torch.Tensor, device: torch.device
     engine = Engine(cfg.runtime, device)
     torch.manual_seed(0)
     generator = Generator(cfg.generator).to(device)
-    objective = Editor.objective(clip, cfg, engine, tuple(image.shape[-2:]))
+    objective = Editor.objective(clip, cfg, engine)
     weights = {p.untyped_storage().data_ptr() for p in [*clip.parameters(), *generator.parameters()]}
 
     def step() -> torch.Tensor:

@@ -1,13 +1,19 @@
 """Choosing between the Triton kernels and their torch references.
 
-The choice is made per call from the tensors' device and two environment variables, never at
-import time:
+The choice is made from the tensors' device and two environment variables, never at import time:
 
 - ``T2L_KERNELS=auto`` (default): Triton for CUDA tensors, and for CPU tensors when
   ``TRITON_INTERPRET=1`` was set before Python started; the torch reference otherwise.
 - ``T2L_KERNELS=triton``: always Triton; raises :class:`KernelUnavailable` with the reasons when it
   cannot run.
 - ``T2L_KERNELS=torch``: always the torch reference.
+
+Eagerly the (cheap) check runs per call. Under ``torch.compile`` it runs once, when the region is
+traced, and its result is baked into the graph as a constant (no guard): the implementation is fixed
+for the life of a compiled region, i.e. for a run. To switch implementations inside one process
+after compiling, call ``torch._dynamo.reset()``. The Triton paths are ``torch.library`` custom ops
+(``torch.ops.t2l_fast.*``) with registered fake and autograd implementations, so a compiled region
+that calls a fused op has no graph break.
 """
 
 from __future__ import annotations
@@ -44,18 +50,20 @@ def interpreter_enabled() -> bool:
 
 def triton_blockers(*tensors: torch.Tensor) -> list[str]:
     """Reasons why the Triton path cannot run on these tensors (empty list: it can)."""
+    return _blockers(tuple(t.device.type for t in tensors))
+
+
+def _blockers(device_types: tuple[str, ...]) -> list[str]:
     reasons = []
     err = _triton_import_error()
     if err:
         reasons.append(err)
-    for t in tensors:
-        if t.device.type == "cuda":
+    for kind in device_types:
+        if kind == "cuda":
             continue
-        if t.device.type == "cpu" and interpreter_enabled():
+        if kind == "cpu" and interpreter_enabled():
             continue
-        reasons.append(
-            f"tensor on {t.device.type} needs CUDA, or TRITON_INTERPRET=1 set before Python starts"
-        )
+        reasons.append(f"tensor on {kind} needs CUDA, or TRITON_INTERPRET=1 set before Python starts")
         break
     return reasons
 
@@ -86,12 +94,31 @@ def mode() -> str:
     return value
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the Triton implementation should run for these input tensors."""
+def _use_triton_on(device_types: tuple[str, ...]) -> bool:
     choice = mode()
     if choice == "torch":
         return False
-    reasons = triton_blockers(*tensors)
+    reasons = _blockers(device_types)
     if choice == "triton" and reasons:
         raise KernelUnavailable(f"{ENV_VAR}=triton but Triton cannot run: " + "; ".join(reasons))
     return not reasons
+
+
+# Under torch.compile: evaluated once at trace time, the result a graph constant (see module docstring).
+_use_triton_traced = torch.compiler.assume_constant_result(_use_triton_on)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton implementation should run for these input tensors."""
+    device_types = tuple(t.device.type for t in tensors)
+    if torch.compiler.is_compiling():
+        return _use_triton_traced(device_types)
+    return _use_triton_on(device_types)
+
+
+_mode_traced = torch.compiler.assume_constant_result(mode)
+
+
+def forced(choice: str) -> bool:
+    """Whether the implementation in force is ``choice`` (a trace-time constant under torch.compile)."""
+    return (_mode_traced() if torch.compiler.is_compiling() else mode()) == choice

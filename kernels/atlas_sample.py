@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import ENV_VAR, KernelUnavailable, mode, use_triton
+from ._dispatch import ENV_VAR, KernelUnavailable, forced, use_triton
 from ._triton import FLOAT_DTYPES, acc_dtype, jit, next_pow2, on_interpreter, tl, triton
 from .composite import GREEN
 
@@ -329,50 +329,124 @@ def _atlas_fwd(atlas: torch.Tensor, uv: torch.Tensor, frames: torch.Tensor, opac
     return edit, alpha, comp, green
 
 
-class _SampleAtlasFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, atlas, uv, frames, opacity):  # type: ignore[override]
-        atlas, uv, frames = atlas.contiguous(), uv.contiguous(), frames.contiguous()
-        opacity = None if opacity is None else opacity.contiguous()
-        out = _atlas_fwd(atlas, uv, frames, opacity)
-        ctx.has_opacity = opacity is not None
-        ctx.save_for_backward(atlas, uv, frames, *(() if opacity is None else (opacity,)))
-        ctx.set_materialize_grads(False)  # absent upstream grads arrive as None and skip their loads
-        return out
+def _atlas_bwd(atlas, uv, frames, opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac):
+    """(datlas, dframes, dopacity), each None when not needed."""
+    need_frames = need_frames and gc is not None
+    need_opac = need_opac and opacity is not None
+    if not (need_atlas or need_frames or need_opac) or all(g is None for g in (ge, gal, gc, gg)):
+        return None, None, None
+    t, h, w, _ = uv.shape
+    _, ha, wa = atlas.shape
+    n_pix = t * h * w
+    acc_t = torch.float64 if atlas.dtype == torch.float64 else torch.float32
+    datlas = torch.zeros(atlas.shape, dtype=acc_t, device=atlas.device) if need_atlas else None
+    dopac = torch.empty_like(opacity) if need_opac else None
+    dframes = torch.empty_like(frames) if need_frames else None
+    ge, gal, gc, gg = (None if g is None else g.contiguous() for g in (ge, gal, gc, gg))
+    block, warps = _block(atlas, n_pix)
 
-    @staticmethod
-    def backward(ctx, ge, gal, gc, gg):  # type: ignore[override]
-        atlas, uv, frames, *rest = ctx.saved_tensors
-        opacity = rest[0] if ctx.has_opacity else None
-        need_atlas, _, need_frames, need_opac = ctx.needs_input_grad
-        need_frames = need_frames and gc is not None
-        need_opac = need_opac and opacity is not None
-        if not (need_atlas or need_frames or need_opac) or all(g is None for g in (ge, gal, gc, gg)):
-            return None, None, None, None
-        t, h, w, _ = uv.shape
-        _, ha, wa = atlas.shape
-        n_pix = t * h * w
-        acc_t = torch.float64 if atlas.dtype == torch.float64 else torch.float32
-        datlas = torch.zeros(atlas.shape, dtype=acc_t, device=atlas.device) if need_atlas else None
-        dopac = torch.empty_like(opacity) if need_opac else None
-        dframes = torch.empty_like(frames) if need_frames else None
-        ge, gal, gc, gg = (None if g is None else g.contiguous() for g in (ge, gal, gc, gg))
-        block, warps = _block(atlas, n_pix)
+    def ptr(x: torch.Tensor | None) -> torch.Tensor:
+        return atlas if x is None else x  # never dereferenced: the matching constexpr flag is off
 
-        def ptr(x: torch.Tensor | None) -> torch.Tensor:
-            return atlas if x is None else x  # never dereferenced: the matching constexpr flag is off
+    _atlas_bwd_kernel[(triton.cdiv(n_pix, block),)](
+        atlas, uv, frames, ptr(opacity), ptr(ge), ptr(gal), ptr(gc), ptr(gg),
+        ptr(datlas), ptr(dopac), ptr(dframes), n_pix, h * w, ha, wa,
+        G0=GREEN[0], G1=GREEN[1], G2=GREEN[2], HAS_OPAC=opacity is not None,
+        HAS_GE=ge is not None, HAS_GAL=gal is not None, HAS_GC=gc is not None, HAS_GG=gg is not None,
+        NEED_DATLAS=need_atlas, NEED_DOPAC=need_opac, NEED_DFRAMES=need_frames,
+        ACC=acc_dtype(atlas.dtype), BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+    if datlas is not None:
+        datlas = datlas.to(atlas.dtype)
+    return datlas, dframes, dopac
 
-        _atlas_bwd_kernel[(triton.cdiv(n_pix, block),)](
-            atlas, uv, frames, ptr(opacity), ptr(ge), ptr(gal), ptr(gc), ptr(gg),
-            ptr(datlas), ptr(dopac), ptr(dframes), n_pix, h * w, ha, wa,
-            G0=GREEN[0], G1=GREEN[1], G2=GREEN[2], HAS_OPAC=opacity is not None,
-            HAS_GE=ge is not None, HAS_GAL=gal is not None, HAS_GC=gc is not None, HAS_GG=gg is not None,
-            NEED_DATLAS=need_atlas, NEED_DOPAC=need_opac, NEED_DFRAMES=need_frames,
-            ACC=acc_dtype(atlas.dtype), BLOCK=block, num_warps=warps,
-        )  # fmt: skip
-        if datlas is not None:
-            datlas = datlas.to(atlas.dtype)
-        return datlas, None, dframes, dopac
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (no graph break), with fake (shape) and autograd
+# implementations. Gradients the op does not produce come back as empty tensors (custom ops return
+# no None); the autograd wrapper turns them into None. uv never gets a gradient from this op.
+
+
+def _contig(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.contiguous()
+
+
+@torch.library.custom_op(
+    "t2l_fast::sample_atlas",
+    mutates_args=(),
+    schema="(Tensor atlas, Tensor uv, Tensor frames, Tensor? opacity) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _atlas_op(atlas, uv, frames, opacity):
+    return _atlas_fwd(atlas.contiguous(), uv.contiguous(), frames.contiguous(), _contig(opacity))
+
+
+@_atlas_op.register_fake
+def _atlas_fake(atlas, uv, frames, opacity):
+    t, h, w, _ = uv.shape
+    return (
+        atlas.new_empty((t, 3, h, w)),
+        atlas.new_empty((t, 1, h, w)),
+        atlas.new_empty((t, 3, h, w)),
+        atlas.new_empty((t, 3, h, w)),
+    )
+
+
+@torch.library.custom_op(
+    "t2l_fast::sample_atlas_backward",
+    mutates_args=(),
+    schema="(Tensor atlas, Tensor uv, Tensor frames, Tensor? opacity, Tensor? ge, Tensor? gal, Tensor? gc, "
+    "Tensor? gg, bool need_atlas, bool need_frames, bool need_opac) -> (Tensor, Tensor, Tensor)",
+)
+def _atlas_bwd_op(atlas, uv, frames, opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac):
+    atlas, uv, frames, opacity = atlas.contiguous(), uv.contiguous(), frames.contiguous(), _contig(opacity)
+    datlas, dframes, dopac = _atlas_bwd(
+        atlas, uv, frames, opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac
+    )
+    empty = atlas.new_empty(0)
+    return (
+        empty if datlas is None else datlas,
+        empty.clone() if dframes is None else dframes,
+        empty.clone() if dopac is None else dopac,
+    )
+
+
+def _atlas_bwd_needs(opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac):
+    """Which gradients the backward really produces (the same rule as ``_atlas_bwd``)."""
+    if all(g is None for g in (ge, gal, gc, gg)):
+        return False, False, False
+    return need_atlas, need_frames and gc is not None, need_opac and opacity is not None
+
+
+@_atlas_bwd_op.register_fake
+def _atlas_bwd_fake(atlas, uv, frames, opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac):
+    na, nf, no = _atlas_bwd_needs(opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac)
+    contiguous = torch.contiguous_format
+    return (
+        torch.empty_like(atlas, memory_format=contiguous) if na else atlas.new_empty(0),
+        torch.empty_like(frames, memory_format=contiguous) if nf else atlas.new_empty(0),
+        torch.empty_like(opacity, memory_format=contiguous) if no else atlas.new_empty(0),
+    )
+
+
+def _atlas_setup(ctx, inputs, output):
+    atlas, uv, frames, opacity = inputs
+    ctx.has_opacity = opacity is not None
+    ctx.save_for_backward(atlas, uv, frames, *(() if opacity is None else (opacity,)))
+    ctx.set_materialize_grads(False)  # absent upstream grads arrive as None and skip their loads
+
+
+def _atlas_autograd(ctx, ge, gal, gc, gg):
+    atlas, uv, frames, *rest = ctx.saved_tensors
+    opacity = rest[0] if ctx.has_opacity else None
+    need_atlas, _, need_frames, need_opac = ctx.needs_input_grad
+    na, nf, no = _atlas_bwd_needs(opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac)
+    if not (na or nf or no):
+        return None, None, None, None
+    datlas, dframes, dopac = _atlas_bwd_op(atlas, uv, frames, opacity, ge, gal, gc, gg, na, nf, no)
+    return (datlas if na else None), None, (dframes if nf else None), (dopac if no else None)
+
+
+_atlas_op.register_autograd(_atlas_autograd, setup_context=_atlas_setup)
 
 
 def sample_atlas_triton(
@@ -384,7 +458,7 @@ def sample_atlas_triton(
     """The Triton path of :func:`sample_atlas`, without dispatch (tests, benchmarks). ``uv`` gets no
     gradient."""
     _check(atlas, uv, frames, opacity)
-    return AtlasSampleOut(*_SampleAtlasFn.apply(atlas, uv, frames, opacity))
+    return AtlasSampleOut(*_atlas_op(atlas, uv, frames, opacity))
 
 
 def sample_atlas(
@@ -409,6 +483,6 @@ def sample_atlas(
     ):
         if not (uv.requires_grad and torch.is_grad_enabled()):
             return sample_atlas_triton(atlas, uv, frames, opacity)
-        if mode() == "triton":
+        if forced("triton"):
             raise KernelUnavailable(f"{ENV_VAR}=triton but the Triton sample_atlas gives no gradient to uv")
     return sample_atlas_reference(atlas, uv, frames, opacity)

@@ -206,50 +206,120 @@ def _composite_fwd(rgba: torch.Tensor, background: torch.Tensor) -> CompositeOut
     return CompositeOut(comp, green, l1.sum(1) / n, l0.sum(1) / n)
 
 
-class _CompositeFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rgba: torch.Tensor, background: torch.Tensor):  # type: ignore[override]
-        rgba, background = rgba.contiguous(), background.contiguous()
-        out = _composite_fwd(rgba, background)
-        ctx.save_for_backward(rgba, background)
-        ctx.set_materialize_grads(False)  # absent upstream grads arrive as None and skip their loads
-        return tuple(out)
+def _composite_bwd(
+    rgba: torch.Tensor,
+    background: torch.Tensor,
+    gc: torch.Tensor | None,
+    gg: torch.Tensor | None,
+    g1: torch.Tensor | None,
+    g0: torch.Tensor | None,
+    need_rgba: bool,
+    need_bg: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    need_bg = need_bg and gc is not None
+    if not (need_rgba or need_bg):
+        return None, None
+    b, _, h, w = rgba.shape
+    n = h * w
+    zeros = torch.zeros(b, dtype=torch.float32, device=rgba.device)
+    g1 = zeros if g1 is None else g1.contiguous()
+    g0 = zeros if g0 is None else g0.contiguous()
+    gc = None if gc is None else gc.contiguous()
+    gg = None if gg is None else gg.contiguous()
+    drgba = torch.empty_like(rgba) if need_rgba else None
+    dbg = torch.empty_like(background) if need_bg else None
+    block, warps = _block(rgba, n)
+    dummy = rgba  # never dereferenced: the matching constexpr flag is off
+    dtype = torch.promote_types(rgba.dtype, background.dtype)
+    _composite_bwd_kernel[_grid(b, n, block)](
+        rgba, background,
+        dummy if gc is None else gc, dummy if gg is None else gg,
+        g1, g0,
+        dummy if drgba is None else drgba, dummy if dbg is None else dbg,
+        n, G0=GREEN[0], G1=GREEN[1], G2=GREEN[2],
+        HAS_GC=gc is not None, HAS_GG=gg is not None, NEED_DRGBA=need_rgba, NEED_DBG=need_bg,
+        ACC=acc_dtype(dtype), BLOCK=block, num_warps=warps,
+    )  # fmt: skip
+    return drgba, dbg
 
-    @staticmethod
-    def backward(ctx, gc, gg, g1, g0):  # type: ignore[override]
-        rgba, background = ctx.saved_tensors
-        need_rgba, need_bg = ctx.needs_input_grad[:2]
-        need_bg = need_bg and gc is not None
-        if not (need_rgba or need_bg):
-            return None, None
-        b, _, h, w = rgba.shape
-        n = h * w
-        zeros = torch.zeros(b, dtype=torch.float32, device=rgba.device)
-        g1 = zeros if g1 is None else g1.contiguous()
-        g0 = zeros if g0 is None else g0.contiguous()
-        gc = None if gc is None else gc.contiguous()
-        gg = None if gg is None else gg.contiguous()
-        drgba = torch.empty_like(rgba) if need_rgba else None
-        dbg = torch.empty_like(background) if need_bg else None
-        block, warps = _block(rgba, n)
-        dummy = rgba  # never dereferenced: the matching constexpr flag is off
-        dtype = torch.promote_types(rgba.dtype, background.dtype)
-        _composite_bwd_kernel[_grid(b, n, block)](
-            rgba, background,
-            dummy if gc is None else gc, dummy if gg is None else gg,
-            g1, g0,
-            dummy if drgba is None else drgba, dummy if dbg is None else dbg,
-            n, G0=GREEN[0], G1=GREEN[1], G2=GREEN[2],
-            HAS_GC=gc is not None, HAS_GG=gg is not None, NEED_DRGBA=need_rgba, NEED_DBG=need_bg,
-            ACC=acc_dtype(dtype), BLOCK=block, num_warps=warps,
-        )  # fmt: skip
-        return drgba, dbg
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (no graph break), with fake (shape) and autograd
+# implementations. Gradients the op does not produce come back as empty tensors (a custom op returns
+# no None); the autograd wrapper turns them into None.
+
+
+@torch.library.custom_op(
+    "t2l_fast::composite_rgba",
+    mutates_args=(),
+    schema="(Tensor rgba, Tensor background) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _composite_op(rgba: torch.Tensor, background: torch.Tensor):
+    return tuple(_composite_fwd(rgba.contiguous(), background.contiguous()))
+
+
+@_composite_op.register_fake
+def _composite_fake(rgba, background):
+    b, _, h, w = rgba.shape
+    comp_dtype = torch.promote_types(rgba.dtype, background.dtype)
+    stat_dtype = torch.float64 if comp_dtype == torch.float64 else torch.float32
+    return (
+        rgba.new_empty((b, 3, h, w), dtype=comp_dtype),
+        rgba.new_empty((b, 3, h, w)),
+        rgba.new_empty((b,), dtype=stat_dtype),
+        rgba.new_empty((b,), dtype=stat_dtype),
+    )
+
+
+@torch.library.custom_op(
+    "t2l_fast::composite_rgba_backward",
+    mutates_args=(),
+    schema="(Tensor rgba, Tensor background, Tensor? gc, Tensor? gg, Tensor? g1, Tensor? g0, "
+    "bool need_rgba, bool need_bg) -> (Tensor, Tensor)",
+)
+def _composite_bwd_op(rgba, background, gc, gg, g1, g0, need_rgba, need_bg):
+    drgba, dbg = _composite_bwd(
+        rgba.contiguous(), background.contiguous(), gc, gg, g1, g0, need_rgba, need_bg
+    )
+    return (
+        rgba.new_empty(0) if drgba is None else drgba,
+        background.new_empty(0) if dbg is None else dbg,
+    )
+
+
+@_composite_bwd_op.register_fake
+def _composite_bwd_fake(rgba, background, gc, gg, g1, g0, need_rgba, need_bg):
+    need_bg = need_bg and gc is not None
+    return (
+        torch.empty_like(rgba, memory_format=torch.contiguous_format) if need_rgba else rgba.new_empty(0),
+        torch.empty_like(background, memory_format=torch.contiguous_format)
+        if need_bg
+        else background.new_empty(0),
+    )
+
+
+def _composite_setup(ctx, inputs, output):
+    rgba, background = inputs
+    ctx.save_for_backward(rgba, background)
+    ctx.set_materialize_grads(False)  # absent upstream grads arrive as None and skip their loads
+
+
+def _composite_autograd(ctx, gc, gg, g1, g0):
+    rgba, background = ctx.saved_tensors
+    need_rgba, need_bg = ctx.needs_input_grad[:2]
+    if not (need_rgba or (need_bg and gc is not None)):
+        return None, None
+    drgba, dbg = _composite_bwd_op(rgba, background, gc, gg, g1, g0, need_rgba, need_bg)
+    return (drgba if need_rgba else None), (dbg if (need_bg and gc is not None) else None)
+
+
+_composite_op.register_autograd(_composite_autograd, setup_context=_composite_setup)
 
 
 def composite_rgba_triton(rgba: torch.Tensor, background: torch.Tensor) -> CompositeOut:
     """The Triton path, without dispatch (tests and benchmarks call it directly)."""
     _check(rgba, background)
-    return CompositeOut(*_CompositeFn.apply(rgba, background))
+    return CompositeOut(*_composite_op(rgba, background))
 
 
 def composite_rgba(rgba: torch.Tensor, background: torch.Tensor) -> CompositeOut:

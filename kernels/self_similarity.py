@@ -307,52 +307,94 @@ def _ssim_backward(
     return dt, dtgt
 
 
-class _SelfSimilarityFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        tokens = tokens.contiguous()
-        ctx.save_for_backward(tokens)
-        return _ssim_forward(tokens, None)
-
-    @staticmethod
-    def backward(ctx, g_s: torch.Tensor):  # type: ignore[override]
-        (tokens,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None
-        dt, _ = _ssim_backward(tokens, g_s.contiguous(), None, False)
-        return dt
+# ---------------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (no graph break), with fake (shape) and autograd
+# implementations. An unneeded dtarget comes back as an empty tensor (custom ops return no None).
 
 
-class _SelfSimilarityMSEFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        tokens, target = tokens.contiguous(), target.contiguous()
-        ctx.save_for_backward(tokens, target)
-        return _ssim_forward(tokens, target)
+@torch.library.custom_op("t2l_fast::self_similarity", mutates_args=(), schema="(Tensor tokens) -> Tensor")
+def _ssim_op(tokens: torch.Tensor) -> torch.Tensor:
+    return _ssim_forward(tokens.contiguous(), None)
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        tokens, target = ctx.saved_tensors
-        need_t, need_tgt = ctx.needs_input_grad[:2]
-        if not (need_t or need_tgt):
-            return None, None
-        b, k, _ = tokens.shape
-        # A device tensor, not a Python float: no host synchronisation in backward.
-        scale = (g.to(_out_dtype(tokens)) * (2.0 / (b * k * k))).reshape(1)
-        dt, dtgt = _ssim_backward(tokens, target, scale, need_tgt)
-        return (dt if need_t else None), dtgt
+
+@_ssim_op.register_fake
+def _ssim_fake(tokens):
+    b, k, _ = tokens.shape
+    return tokens.new_empty((b, k, k), dtype=_out_dtype(tokens))
+
+
+@torch.library.custom_op(
+    "t2l_fast::self_similarity_mse", mutates_args=(), schema="(Tensor tokens, Tensor target) -> Tensor"
+)
+def _ssim_mse_op(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return _ssim_forward(tokens.contiguous(), target.contiguous())
+
+
+@_ssim_mse_op.register_fake
+def _ssim_mse_fake(tokens, target):
+    return tokens.new_empty((), dtype=_out_dtype(tokens))
+
+
+@torch.library.custom_op(
+    "t2l_fast::self_similarity_backward",
+    mutates_args=(),
+    schema="(Tensor tokens, Tensor g, Tensor? scale, bool need_dtgt) -> (Tensor, Tensor)",
+)
+def _ssim_bwd_op(tokens, g, scale, need_dtgt):
+    dt, dtgt = _ssim_backward(tokens.contiguous(), g.contiguous(), scale, need_dtgt)
+    return dt, (g.new_empty(0) if dtgt is None else dtgt)
+
+
+@_ssim_bwd_op.register_fake
+def _ssim_bwd_fake(tokens, g, scale, need_dtgt):
+    dt = torch.empty_like(tokens, memory_format=torch.contiguous_format)
+    return dt, (torch.empty_like(g, memory_format=torch.contiguous_format) if need_dtgt else g.new_empty(0))
+
+
+def _ssim_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _ssim_autograd(ctx, g_s):
+    (tokens,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None
+    dt, _ = _ssim_bwd_op(tokens, g_s, None, False)
+    return dt
+
+
+_ssim_op.register_autograd(_ssim_autograd, setup_context=_ssim_setup)
+
+
+def _ssim_mse_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _ssim_mse_autograd(ctx, g):
+    tokens, target = ctx.saved_tensors
+    need_t, need_tgt = ctx.needs_input_grad[:2]
+    if not (need_t or need_tgt):
+        return None, None
+    b, k, _ = tokens.shape
+    # A device tensor, not a Python float: no host synchronisation in backward.
+    scale = (g.to(_out_dtype(tokens)) * (2.0 / (b * k * k))).reshape(1)
+    dt, dtgt = _ssim_bwd_op(tokens, target, scale, need_tgt)
+    return (dt if need_t else None), (dtgt if need_tgt else None)
+
+
+_ssim_mse_op.register_autograd(_ssim_mse_autograd, setup_context=_ssim_mse_setup)
 
 
 def self_similarity_triton(tokens: torch.Tensor) -> torch.Tensor:
     """The Triton path of :func:`self_similarity`, without dispatch (tests, benchmarks)."""
     _check(tokens)
-    return _SelfSimilarityFn.apply(tokens)
+    return _ssim_op(tokens)
 
 
 def self_similarity_mse_triton(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The Triton path of :func:`self_similarity_mse`, without dispatch (tests, benchmarks)."""
     _check(tokens, target)
-    return _SelfSimilarityMSEFn.apply(tokens, target)
+    return _ssim_mse_op(tokens, target)
 
 
 def _triton_ok(*tensors: torch.Tensor) -> bool:

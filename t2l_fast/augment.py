@@ -101,12 +101,13 @@ def warp(
     """
     n = homography.shape[0]
     h, w = size
-    ys = (torch.arange(h, dtype=torch.float64) * 2 + 1) / h - 1
-    xs = (torch.arange(w, dtype=torch.float64) * 2 + 1) / w - 1
+    dev = images.device  # the grid is built where the images are: no host-built copy
+    ys = (torch.arange(h, dtype=torch.float32, device=dev) * 2 + 1) / h - 1
+    xs = (torch.arange(w, dtype=torch.float32, device=dev) * 2 + 1) / w - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, h * w, 3)
-    mapped = pts @ homography.transpose(1, 2)  # (N, h*w, 3)
-    grid = (mapped[..., :2] / mapped[..., 2:]).view(n, h, w, 2).to(images.device, torch.float32)
+    mapped = pts @ homography.to(dev, torch.float32).transpose(1, 2)  # (N, h*w, 3)
+    grid = (mapped[..., :2] / mapped[..., 2:]).view(n, h, w, 2)
     if images.shape[0] == 1 and n > 1:
         images = images.expand(n, -1, -1, -1)
     if fill is None:
@@ -128,6 +129,43 @@ def warp(
 # ---------------------------------------------------------------------------------------------------
 # Colour
 # ---------------------------------------------------------------------------------------------------
+YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def hue_matrices(hue: torch.Tensor) -> torch.Tensor:
+    """(N,) hue shifts (fractions of a turn) -> (N, 3, 3) RGB matrices rotating the chroma (I, Q)
+    plane of YIQ. Made on the host, at draw time (then sent with the other parameters)."""
+    to_yiq = torch.tensor(YIQ, dtype=torch.float64)
+    ang = 2 * math.pi * hue.double().cpu()
+    rot = _eye(len(hue))
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = ang.cos(), -ang.sin(), ang.sin(), ang.cos()
+    return torch.linalg.inv(to_yiq) @ rot @ to_yiq  # on the host
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Host tensors -> ``device`` in ONE copy (a pinned buffer sent non-blocking on CUDA), so the
+    random parameters of a step cost one transfer and no sync. float64 arrives as float32; bool
+    and integer dtypes are kept."""
+    device = torch.device(device)
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    out, start = [], 0
+    for t in tensors:
+        part = flat[start : start + t.numel()].view(t.shape)
+        start += t.numel()
+        if t.dtype == torch.bool:
+            out.append(part > 0.5)
+        elif t.dtype == torch.float64:
+            out.append(part.float())
+        else:
+            out.append(part.to(t.dtype))
+    return out
+
+
 @dataclass
 class ColourParams:
     """Per-view colour factors (N,): identity values where the jitter was not drawn."""
@@ -137,6 +175,22 @@ class ColourParams:
     saturation: torch.Tensor
     hue: torch.Tensor  # fraction of a full turn
     grayscale: torch.Tensor  # bool
+    hue_matrix: torch.Tensor | None = None  # (N, 3, 3), made at draw time (see hue_matrices)
+
+    FIELDS = ("brightness", "contrast", "saturation", "hue", "grayscale", "hue_matrix")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f) if f != "hue_matrix" else self.matrix() for f in self.FIELDS]
+
+    def matrix(self) -> torch.Tensor:
+        return self.hue_matrix if self.hue_matrix is not None else hue_matrices(self.hue)
+
+    def map(self, fn) -> ColourParams:
+        """The same parameters with ``fn`` applied to each field tensor."""
+        return ColourParams(*(fn(t) for t in self.tensors()))
+
+    def to(self, device: torch.device | str) -> ColourParams:
+        return ColourParams(*to_device(self.tensors(), device))
 
     @staticmethod
     def draw(n: int, p_jitter: float, strength: float, p_gray: float, gen: torch.Generator) -> ColourParams:
@@ -148,16 +202,17 @@ class ColourParams:
 
         b, c, s = factor(), factor(), factor()
         h = torch.where(on, _uniform(n, -strength, strength, gen), torch.zeros(n, dtype=torch.float64))
-        return ColourParams(b, c, s, h, _bernoulli(n, p_gray, gen))
+        return ColourParams(b, c, s, h, _bernoulli(n, p_gray, gen), hue_matrices(h))
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    r, g, b = LUMA
+    return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
 
 
 def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
-    """x (N, 3, H, W) in [0, 1] -> jittered (N, 3, H, W) in [0, 1]."""
+    """x (N, 3, H, W) in [0, 1] -> jittered (N, 3, H, W) in [0, 1]. The parameters should be on
+    x's device already (see :meth:`ColourParams.to`)."""
 
     def col(t: torch.Tensor) -> torch.Tensor:
         return t.to(x.device, x.dtype).view(-1, 1, 1, 1)
@@ -167,17 +222,9 @@ def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
     x = ((x - mean) * col(p.contrast) + mean).clamp(0, 1)
     gray = _luma(x)
     x = ((x - gray) * col(p.saturation) + gray).clamp(0, 1)
-    # hue: rotate the chroma (I, Q) plane of YIQ
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
-    )
-    n = x.shape[0]
-    ang = 2 * math.pi * p.hue
-    rot = _eye(n)
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = ang.cos(), -ang.sin(), ang.sin(), ang.cos()
-    m = (torch.linalg.inv(to_yiq) @ rot @ to_yiq).to(x.device, x.dtype)  # (N, 3, 3)
+    m = p.matrix().to(x.device, x.dtype)  # hue: rotate the chroma (I, Q) plane of YIQ
     x = torch.einsum("ndc,nchw->ndhw", m, x).clamp(0, 1)
-    return torch.where(col(p.grayscale).bool(), _luma(x).expand_as(x), x)
+    return torch.where(p.grayscale.to(x.device).bool().view(-1, 1, 1, 1), _luma(x).expand_as(x), x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,24 +262,24 @@ class ViewParams:
         return self.geometry.shape[0]
 
     def __getitem__(self, index: slice) -> ViewParams:
-        c = self.colour
-        colour = ColourParams(
-            c.brightness[index], c.contrast[index], c.saturation[index], c.hue[index], c.grayscale[index]
-        )
-        return ViewParams(self.geometry[index], colour, self.size)
+        return ViewParams(self.geometry[index], self.colour.map(lambda t: t[index]), self.size)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.geometry, *self.colour.tensors()]
+
+    @staticmethod
+    def from_tensors(tensors: list[torch.Tensor], size: tuple[int, int]) -> ViewParams:
+        return ViewParams(tensors[0], ColourParams(*tensors[1:]), size)
+
+    def to(self, device: torch.device | str) -> ViewParams:
+        return ViewParams.from_tensors(to_device(self.tensors(), device), self.size)
 
     @staticmethod
     def cat(parts: list[ViewParams]) -> ViewParams:
         if len({p.size for p in parts}) != 1:
             raise ValueError("views of different sizes cannot be batched")
-        cols = [p.colour for p in parts]
-        colour = ColourParams(
-            *(
-                torch.cat([getattr(c, f) for c in cols])
-                for f in ("brightness", "contrast", "saturation", "hue", "grayscale")
-            )
-        )
-        return ViewParams(torch.cat([p.geometry for p in parts]), colour, parts[0].size)
+        columns = zip(*(p.tensors() for p in parts), strict=True)
+        return ViewParams.from_tensors([torch.cat(c) for c in columns], parts[0].size)
 
     @staticmethod
     def draw(n: int, size: tuple[int, int], cfg: ViewConfig, gen: torch.Generator) -> ViewParams:
@@ -312,9 +359,10 @@ def draw_example(
     cy = (1 - cover) * _uniform(1, -1, 1, gen)
     cx = (1 - cover) * _uniform(1, -1, 1, gen)
     geometry = crop_matrix(cover, cover, cx, cy) @ flip_matrix(_bernoulli(1, cfg.flip_p, gen))
+    colour = ColourParams.draw(1, cfg.jitter_p, 0.1, 0.0, gen)
+    params = ViewParams(geometry, colour, (out_h, out_w)).to(image.device)  # one transfer
     if out_h < h * float(cover) or out_w < w * float(cover):  # downscaling: antialias first
         pre = (max(out_h, round(out_h / float(cover))), max(out_w, round(out_w / float(cover))))
         image = F.interpolate(image, size=pre, mode="bilinear", antialias=True, align_corners=False)
-    example = warp(image, geometry, (out_h, out_w), fill=None)
-    colour = ColourParams.draw(1, cfg.jitter_p, 0.1, 0.0, gen)
-    return apply_colour(example, colour)
+    example = warp(image, params.geometry, (out_h, out_w), fill=None)
+    return apply_colour(example, params.colour)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from .batch import batch
 from .cli_atlas import atlas
 from .cli_serve import serve
 from .config import Config, load_yaml, parse_overrides, preset
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 app.command("atlas")(atlas)  # t2l-fast atlas: fit a layered atlas to a video (cli_atlas.py)
 app.command("serve")(serve)  # t2l-fast serve: the web page (cli_serve.py; the [ui] extra)
+app.command("batch")(batch)  # t2l-fast batch: a manifest of edits, one process per device (batch.py)
 log = logging.getLogger("t2l_fast")
 
 NOT_A_REAL_EDIT = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
+
+MAX_MEGAPIXELS = 100  # larger images are refused before decoding (edits run at 512 px anyway)
 
 
 class InputError(ValueError):
@@ -54,6 +57,14 @@ def _pil_to_tensor(img: Image.Image, notes: list[str]) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
+def _too_large(path: Path, pixels: int | None) -> InputError:
+    size = f"{pixels / 1e6:.0f} MP, " if pixels else ""
+    return InputError(
+        f"{path} is too large ({size}above the {MAX_MEGAPIXELS} MP this tool reads): downscale it first "
+        "(edits run at a 512 px short side)"
+    )
+
+
 def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
     """Read an image file -> ((3, H, W) float32 in [0, 1], notes on conversions made).
 
@@ -67,6 +78,8 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
     notes: list[str] = []
     try:
         with Image.open(path) as img:
+            if img.size[0] * img.size[1] > MAX_MEGAPIXELS * 1e6:
+                raise _too_large(path, img.size[0] * img.size[1])
             img.load()
             # exif_transpose returns a copy even when there is nothing to do: note only a real turn
             if img.getexif().get(0x0112, 1) in range(2, 9):
@@ -75,6 +88,9 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, list[str]]:
             return _pil_to_tensor(oriented, notes), notes
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from None
+    except Image.DecompressionBombError as exc:  # PIL refuses before we see the size
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, int(found.group(1)) if found else None) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path} could not be decoded, it may be truncated ({exc})") from None
 
@@ -123,6 +139,15 @@ def fit_size(image: torch.Tensor, size: int, min_side: int) -> torch.Tensor:
             f"the image is {w}x{h} px; the generator needs at least {min_side} px on each side: "
             "use a larger image"
         )
+    return image
+
+
+def check_not_flat(image: torch.Tensor, what: str = "the image") -> torch.Tensor:
+    """Refuse a (near-)constant image: nothing to edit, and the generator's batch normalisation has
+    no variation to normalise (every step would be non-finite)."""
+    spread = float((image.amax(dim=(-2, -1)) - image.amin(dim=(-2, -1))).max())
+    if spread <= 2 / 255:
+        raise InputError(f"{what} is a single flat colour (nothing to edit): use a photograph or a drawing")
     return image
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .augment import ViewParams, make_views, resize_view, view_size, whole_patches
+from .augment import ViewParams, make_views, resize_view, to_device, view_size, whole_patches
 from .config import Config
 from .kernels import composite_rgba, self_similarity, self_similarity_mse
 from .models.clip import Clip
@@ -88,25 +88,27 @@ def bootstrap_weight(step: int, steps: int, weight: float, schedule: str = "line
     return weight if schedule == "none" else weight * (1 - (step + 1) / steps)
 
 
-def _token_ids(tokenizer, text: str) -> list[int] | None:
+def truncation_warning(tokenizer, prompt: str, templates: tuple[str, ...]) -> str | None:
+    """A message naming the words of ``prompt`` that CLIP never reads (its context holds 77 tokens:
+    start, 75 text tokens, end) in the longest of ``templates``; None when every word fits."""
     encode = getattr(tokenizer, "encode", None)
-    return encode(text) if callable(encode) else None
+    if not callable(encode):
+        return None
+    room = getattr(tokenizer, "context_length", 77) - 2
 
+    def fits(text: str) -> bool:
+        return all(len(encode(t.format(text))) <= room for t in templates)
 
-def truncation_warnings(tokenizer, prompts: list[str], templates: tuple[str, ...]) -> list[str]:
-    """One message per prompt whose longest template expansion passes CLIP's context (77 tokens:
-    start, 75 words' tokens, end), naming the words CLIP never reads."""
-    context = getattr(tokenizer, "context_length", 77)
-    messages = []
-    for prompt in prompts:
-        worst = max((_token_ids(tokenizer, t.format(prompt)) or [] for t in templates), key=len)
-        if len(worst) + 2 > context:
-            dropped = tokenizer.decode(worst[context - 2 :]).strip()
-            messages.append(
-                f"the prompt {prompt!r} is longer than CLIP's {context} tokens; "
-                f"these words are dropped: {dropped!r} (shorten the prompt to keep them)"
-            )
-    return messages
+    words = prompt.split()
+    if fits(prompt):
+        return None
+    kept = 0
+    while kept < len(words) and fits(" ".join(words[: kept + 1])):
+        kept += 1
+    return (
+        f"the prompt is longer than CLIP's {room + 2} tokens: the words {' '.join(words[kept:])!r} are "
+        "dropped (shorten the prompt to keep them)"
+    )
 
 
 @dataclass
@@ -126,14 +128,18 @@ class Texts:
         def listed(value) -> list[str]:
             return [value] if isinstance(value, str) else list(value or [])
 
-        checks = [(cfg.prompt, TEMPLATES), (cfg.effective_screen_prompt, SCREEN_TEMPLATES)]
-        checks.append((cfg.roi_prompt, TEMPLATES))
-        seen = set()
-        for prompts, templates in checks:
-            for message in truncation_warnings(clip.tokenizer, listed(prompts), templates):
-                if message not in seen:
-                    seen.add(message)
-                    log.warning(message)
+        uses: dict[str, tuple[str, ...]] = {}  # each prompt with every template it is used with
+        for prompts, templates in (
+            (cfg.prompt, TEMPLATES),
+            (cfg.effective_screen_prompt, SCREEN_TEMPLATES),
+            (cfg.roi_prompt, TEMPLATES),
+        ):
+            for p in listed(prompts):
+                uses[p] = uses.get(p, ()) + templates
+        for p, templates in uses.items():
+            message = truncation_warning(clip.tokenizer, p, templates)
+            if message:
+                log.warning(message)
         comp = clip.encode_text(expand_templates(cfg.prompt))
         screen = clip.encode_text(expand_templates(cfg.effective_screen_prompt, SCREEN_TEMPLATES))
         src = clip.encode_text(expand_templates(cfg.roi_prompt)) if cfg.roi_prompt else None
@@ -194,6 +200,24 @@ class StepDraw:
     comp_idx: torch.Tensor | None
     dir_idx: torch.Tensor | None
     screen_idx: torch.Tensor | None
+
+    def to(self, device: torch.device | str) -> StepDraw:
+        """Every parameter on ``device`` in one transfer (drawn on the host: no sync)."""
+        views = [p for group in (self.clip, self.direction, self.screen) for p in group or []]
+        idx = [t for t in (self.comp_idx, self.dir_idx, self.screen_idx) if t is not None]
+        moved = iter(to_device([t for p in views for t in p.tensors()] + idx, device))
+        width = len(views[0].tensors()) if views else 0
+
+        def group(items):
+            if not items:
+                return None
+            return [ViewParams.from_tensors([next(moved) for _ in range(width)], p.size) for p in items]
+
+        clip, direction, screen = group(self.clip), group(self.direction), group(self.screen)
+        comp, dir_, scr = (
+            next(moved) if t is not None else None for t in (self.comp_idx, self.dir_idx, self.screen_idx)
+        )
+        return StepDraw(clip, direction, screen, comp, dir_, scr)
 
 
 class Objective:
@@ -299,7 +323,7 @@ class Objective:
     ) -> dict[str, torch.Tensor]:
         """-> {term: scalar}; "loss" is the weighted total. Terms are means over the examples."""
         lc = self.cfg.loss
-        draw = self.draw(len(layers), tuple(layers.source.shape[-2:]), gen)
+        draw = self.draw(len(layers), tuple(layers.source.shape[-2:]), gen).to(layers.source.device)
         weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap, lc.bootstrap_schedule)
         boot_target = None
         if weight > 0:
@@ -373,18 +397,15 @@ class Objective:
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=layers.source.device)
         if emb["clip"] is not None:
-            dev = emb["clip"].device
-            terms["comp_clip"] = self.criterion(emb["clip"], texts.comp[draw.comp_idx.to(dev)]).mean()
+            terms["comp_clip"] = self.criterion(emb["clip"], texts.comp[draw.comp_idx]).mean()
             comp_total = terms["comp_clip"]
             if emb["dir_out"] is not None:
-                idx = draw.dir_idx.to(dev)
-                dirs = texts.comp[idx] - texts.src[idx]
+                dirs = texts.comp[draw.dir_idx] - texts.src[draw.dir_idx]
                 terms["comp_dir"] = directional_loss(emb["dir_out"], emb["dir_src"], dirs)
                 comp_total = comp_total + terms["comp_dir"]
             total = total + lc.lambda_composition * comp_total
         if emb["screen"] is not None:
-            dev = emb["screen"].device
-            terms["screen"] = self.criterion(emb["screen"], texts.screen[draw.screen_idx.to(dev)]).mean()
+            terms["screen"] = self.criterion(emb["screen"], texts.screen[draw.screen_idx]).mean()
             total = total + lc.lambda_screen * terms["screen"]
         if struct_target is not None:
             terms["structure"] = self_similarity_mse(tokens, struct_target)

@@ -164,7 +164,8 @@ def test_missing_clip_weights_file(tmp_path, png, no_model):
 
 def test_accepted_conversions_are_reported(tmp_path, monkeypatch):
     rgba = tmp_path / "rgba.png"
-    Image.fromarray(np.full((140, 150, 4), 200, dtype=np.uint8)).save(rgba)
+    pixels = np.random.default_rng(1).integers(0, 255, (140, 150, 4), dtype=np.uint8)
+    Image.fromarray(pixels).save(rgba)
     out = tmp_path / "out"
     result = run(rgba, "--prompt", "x", "--steps", 1, "--out", out, *FAST)
     assert result.exit_code == 0, result.output
@@ -173,7 +174,7 @@ def test_accepted_conversions_are_reported(tmp_path, monkeypatch):
 
 def test_large_images_are_resized_to_size(tmp_path):
     big = tmp_path / "big.png"
-    Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8)).save(big)
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(big)
     out = tmp_path / "out"
     result = run(big, "--prompt", "x", "--steps", 1, "--size", 150, "--out", out, *FAST)
     assert result.exit_code == 0, result.output
@@ -184,3 +185,54 @@ def test_no_args_shows_help():
     result = runner.invoke(cli.app, [])
     assert "edit" in result.output
     assert torch.__version__  # the CLI imports without touching the GPU
+
+
+def _png_header(path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height (no pixel data): what a decompression bomb shows."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_sized_image(tmp_path, no_model):
+    bomb = tmp_path / "bomb.png"
+    _png_header(bomb, 20000, 12000)
+    _bad(tmp_path, [bomb, "--prompt", "x"], "too large (240 MP, above the 100 MP")
+    _png_header(bomb, 12000, 9000)  # 108 MP: under PIL's own refusal, above ours
+    _bad(tmp_path, [bomb, "--prompt", "x"], "too large (108 MP, above the 100 MP")
+
+
+def test_flat_image_is_refused(tmp_path, no_model):
+    flat = tmp_path / "grey.png"
+    arr = np.full((150, 200, 3), 128, dtype=np.uint8)
+    arr[0, 0] = 129  # one grey level of noise is still flat
+    Image.fromarray(arr).save(flat)
+    _bad(tmp_path, [flat, "--prompt", "x"], "single flat colour")
+
+
+def test_long_prompt_names_the_dropped_words(tmp_path, png, caplog):
+    words = " ".join(f"word{i}" for i in range(60)) + " finalword"
+    with caplog.at_level("WARNING"):
+        result = run(png, "--prompt", words, *FAST, "--steps", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if "longer than CLIP" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, not once per template
+    assert "finalword" in warnings[0] and "word0 " not in warnings[0]
+
+
+def test_bootstrap_flag(tmp_path, png):
+    out = tmp_path / "o"
+    result = run(
+        png, "--prompt", "x", "--roi-prompt", "cat", "--bootstrap", *FAST, "--steps", "2", "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["loss"]["bootstrap_steps"] == 2
+    result = run(png, "--prompt", "x", "--bootstrap", *FAST, "--steps", "1", "--out", tmp_path / "p")
+    assert result.exit_code == 2 and "--roi-prompt" in result.output

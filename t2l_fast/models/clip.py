@@ -105,17 +105,24 @@ class Clip(nn.Module):
     def num_blocks(self) -> int:
         return len(self.model.visual.transformer.resblocks)
 
+    def _interpolated_pos(self, gh: int, gw: int, dtype: torch.dtype) -> torch.Tensor:
+        pos = self.model.visual.positional_embedding.detach()  # (1 + g*g, D)
+        g = int(round((pos.shape[0] - 1) ** 0.5))
+        cls, grid = pos[:1], pos[1:]
+        if (gh, gw) != (g, g):
+            grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+            grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+            grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)
+        return torch.cat([cls, grid.to(cls.dtype)], dim=0).to(dtype)
+
     def _pos_embedding(self, gh: int, gw: int, dtype: torch.dtype) -> torch.Tensor:
+        """The positional embedding interpolated bicubically to a gh x gw token grid. Eager calls
+        keep it per grid; under torch.compile it is part of the graph (no Python state mutated)."""
+        if torch.compiler.is_compiling():
+            return self._interpolated_pos(gh, gw, dtype)
         key = (gh, gw, dtype, self.mean.device)
         if key not in self._pos_cache:
-            pos = self.model.visual.positional_embedding.detach()  # (1 + g*g, D)
-            g = int(round((pos.shape[0] - 1) ** 0.5))
-            cls, grid = pos[:1], pos[1:]
-            if (gh, gw) != (g, g):
-                grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-                grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-                grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)
-            self._pos_cache[key] = torch.cat([cls, grid.to(cls.dtype)], dim=0).to(dtype)
+            self._pos_cache[key] = self._interpolated_pos(gh, gw, dtype)
         return self._pos_cache[key]
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -75,13 +75,13 @@ class Editor:
     @staticmethod
     def objective(clip: Clip, cfg: Config, engine: Engine) -> Objective:
         """Reference mode: the loss as the original computes it. Fast path: batched, compiled CLIP
-        (its input shapes are the few whole-patch view sizes)."""
+        (its inputs are whole-patch views of a few sizes: static at first, one dynamic recompile)."""
         if not engine.fast:
             return Objective(clip, cfg, batched=False)
         return Objective(
             clip,
             cfg,
             batched=True,
-            encode_image=engine.compiled(clip.encode_image, dynamic=False),
-            encode_tokens=engine.compiled(clip.encode_tokens, dynamic=False),
+            encode_image=engine.compiled(clip.encode_image, dynamic=None),
+            encode_tokens=engine.compiled(clip.encode_tokens, dynamic=None),
         )

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..config import RuntimeConfig
 from ..kernels import implementation
+from ..optim import FusedMADGRAD
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,10 @@ class Engine:
         self.bucket = runtime.bucket if self.fast else 1
         self.attention = runtime.attention
         self.backend = runtime.compile_backend
-        self.nonfinite_steps = 0
+        self.log_every = runtime.log_every
+        self.nonfinite_steps = 0  # counted at each flush (every log_every steps and at the end)
         self._consecutive_bad = 0
+        self._pending: list[torch.Tensor] = []  # "applied" flags not yet read back
         if self.compile:
             os.environ.setdefault(
                 "TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "t2l_fast" / "inductor")
@@ -83,35 +87,125 @@ class Engine:
         return torch.compile(fn, dynamic=dynamic, backend=self.backend, mode=mode)
 
     @staticmethod
-    def backward(loss: torch.Tensor) -> bool:
-        """Accumulate the gradient of ``loss`` unless it is not finite (then False, nothing done)."""
-        if not torch.isfinite(loss):
-            return False
-        loss.backward()
-        return True
+    def backward(loss: torch.Tensor) -> torch.Tensor:
+        """Accumulate the gradient of ``loss`` and return whether it is finite, as a 0-dim bool
+        tensor on the device (no host sync). A non-finite loss is replaced by 0 before the backward
+        pass, so zero flows back from it (the other examples' gradient stays clean unless the loss's
+        own derivatives are non-finite); the step it belongs to must then be skipped (:meth:`update`
+        with this flag), which also discards whatever the backward pass produced."""
+        finite = torch.isfinite(loss.detach())
+        torch.where(finite, loss, torch.zeros_like(loss)).backward()
+        return finite
 
-    def update(self, optimizer: torch.optim.Optimizer, losses_finite: bool = True) -> bool:
-        """Apply the accumulated gradient, unless a loss or the gradient is not finite: then the step
-        is skipped; after three such steps in a row under reduced precision, the rest of the run is fp32."""
-        if not losses_finite:
-            return self._skip(optimizer, "loss")
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            return self._skip(optimizer, "gradient")
-        self._consecutive_bad = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return True
+    def update(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor | bool = True) -> torch.Tensor:
+        """Apply the accumulated gradient unless a loss (``finite`` false) or the gradient is not
+        finite; clear the gradient either way. Returns the 0-dim bool "applied" flag on the device.
 
-    def _skip(self, optimizer: torch.optim.Optimizer, what: str) -> bool:
+        With :class:`~t2l_fast.optim.FusedMADGRAD` the decision stays on the device (``step(skip=)``);
+        any other optimizer needs the flag on the host (one sync). The flags are read back in bulk
+        by :meth:`flush`, which counts skipped steps and falls back to fp32 after three in a row."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        device = params[0].device
+        if isinstance(finite, torch.Tensor):
+            finite_t = finite.to(device)
+        else:  # made on the device, not copied from the host
+            finite_t = torch.full((), bool(finite), dtype=torch.bool, device=device)
+        if isinstance(optimizer, FusedMADGRAD):  # it also skips a non-finite gradient by itself
+            applied = optimizer.step(skip=~finite_t)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            ok = finite_t
+            if grads:
+                ok = ok & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            applied = ok.clone()
+            if bool(ok):  # host sync: only optimizers without a device-side skip
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_steps += 1
-        self._consecutive_bad += 1
-        log.warning("non-finite %s: step skipped (%d so far)", what, self.nonfinite_steps)
-        if self._consecutive_bad >= 3 and self.amp_dtype is not None:
-            log.warning("falling back to fp32 after %d non-finite steps in a row", self._consecutive_bad)
-            self.amp_dtype = None
-        return False
+        self._pending.append(applied)
+        return applied
+
+    def flush(self) -> list[bool]:
+        """Read the "applied" flags of the steps since the last flush (one sync), count the skipped
+        steps, warn, and after three non-finite steps in a row under reduced precision switch the
+        rest of the run to fp32. Returns the flags read."""
+        if not self._pending:
+            return []
+        flags = [bool(f) for f in torch.stack(self._pending).tolist()]
+        self._pending.clear()
+        for applied in flags:
+            if applied:
+                self._consecutive_bad = 0
+                continue
+            self.nonfinite_steps += 1
+            self._consecutive_bad += 1
+            log.warning("non-finite loss or gradient: step skipped (%d so far)", self.nonfinite_steps)
+            if self._consecutive_bad >= 3 and self.amp_dtype is not None:
+                log.warning("falling back to fp32 after %d non-finite steps in a row", self._consecutive_bad)
+                self.amp_dtype = None
+        return flags
+
+
+class StepRecord(Mapping):
+    """One step's loss record, {term: float}, read from the device only when first looked at.
+
+    Holds the stacked (unweighted) fp32 term values of each example with its weight; the floats are
+    ``sum over examples of weight * value`` in Python double, in example order (as before)."""
+
+    def __init__(self):
+        self._parts: list[tuple[tuple[str, ...], torch.Tensor, float]] = []
+        self._values: dict[str, float] | None = None
+
+    def add(self, terms: dict[str, torch.Tensor], weight: float) -> None:
+        keys = tuple(terms)
+        self._parts.append(
+            (keys, torch.stack([v.detach().float().reshape(()) for v in terms.values()]), weight)
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, t, _ in self._parts]
+
+    def resolve(self, values: list[list[float]]) -> dict[str, float]:
+        """Build the floats from the host copies of :meth:`tensors` (same order)."""
+        record: dict[str, float] = {}
+        for (keys, _, weight), vals in zip(self._parts, values, strict=True):
+            for k, v in zip(keys, vals, strict=True):
+                record[k] = record.get(k, 0.0) + weight * v
+        self._values = record
+        self._parts = []
+        return record
+
+    def _resolved(self) -> dict[str, float]:
+        if self._values is None:
+            resolve_records([self])
+        return self._values  # type: ignore[return-value]
+
+    def __getitem__(self, key: str) -> float:
+        return self._resolved()[key]
+
+    def __iter__(self):
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
+
+    def __repr__(self) -> str:
+        return repr(self._resolved())
+
+
+def resolve_records(records: list[StepRecord]) -> list[dict[str, float]]:
+    """The floats of many step records with one device-to-host copy."""
+    todo = [r for r in records if r._values is None]
+    tensors = [t for r in todo for t in r.tensors()]
+    if tensors:
+        flat = torch.cat(tensors).tolist()  # the one sync
+        pos = 0
+        for r in todo:
+            values = []
+            for t in r.tensors():
+                values.append(flat[pos : pos + t.numel()])
+                pos += t.numel()
+            r.resolve(values)
+    return [dict(r._values) for r in records]  # type: ignore[arg-type]
 
 
 def optimise(
@@ -126,6 +220,7 @@ def optimise(
     after_step=None,
     progress: bool = False,
     desc: str = "editing",
+    log_every: int | None = None,
 ) -> tuple[list[dict[str, float]], bool]:
     """The training loop both editors share.
 
@@ -133,30 +228,48 @@ def optimise(
     tuples (it runs the generator lazily); the loss is the weighted sum of the objective's terms.
     Each example is back-propagated as soon as its loss exists, so a step holds the activations of
     one example at a time (the gradient is the same as that of the summed loss). MADGRAD with the
-    exponential schedule (``optim_cfg``); the NaN guard of ``engine.backward`` / ``engine.update``.
-    Ctrl-C ends the loop early. Returns (per-step loss records, interrupted).
+    exponential schedule (``optim_cfg``), as :class:`~t2l_fast.optim.FusedMADGRAD`: the schedule
+    advances only after an applied update. The NaN guard (``engine.backward`` / ``engine.update``)
+    decides on the device.
+
+    No host sync inside a step: the loss records stay on the device and are read back, with the
+    NaN-guard flags, every ``log_every`` steps (default ``engine.log_every``) and at the end.
+    ``on_step(step, record)`` is called after every step with a lazy mapping of that step's record:
+    reading it costs a sync, not reading it costs nothing. Ctrl-C ends the loop early.
+    Returns (per-step loss records as dicts of floats, interrupted).
     """
-    from madgrad import MADGRAD
     from tqdm.auto import tqdm
 
+    log_every = max(1, int(log_every or engine.log_every))
     gen = torch.Generator().manual_seed(seed)
-    opt = MADGRAD(
+    opt = FusedMADGRAD(
         generator.parameters(),
         lr=optim_cfg.lr,
         momentum=optim_cfg.momentum,
         weight_decay=optim_cfg.weight_decay,
+        gamma=optim_cfg.gamma,
+        min_lr=optim_cfg.min_lr,
     )
-    floor = optim_cfg.min_lr / optim_cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(optim_cfg.gamma**s, floor))
-    history: list[dict[str, float]] = []
+    records: list[StepRecord] = []
+    flushed = 0
     interrupted = False
     log.info("training: %s", engine.describe())
     bar = tqdm(total=optim_cfg.steps, disable=not progress, desc=desc, unit="step", dynamic_ncols=True)
+
+    def flush() -> None:
+        nonlocal flushed
+        values = resolve_records(records[flushed:])
+        engine.flush()
+        if values:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values[-1].items()}, refresh=False)
+        bar.update(len(records) - flushed)
+        flushed = len(records)
+
     try:
         with engine.kernels():
             for step in range(optim_cfg.steps):
-                record: dict[str, float] = {}
-                finite = True
+                record = StepRecord()
+                finite = None
                 examples = examples_of_step(step, gen)
                 while True:
                     with engine.autocast():  # the generator runs when the next example is drawn
@@ -165,22 +278,21 @@ def optimise(
                             break
                         layers, key, weight = example
                         terms = objective(layers, step, gen, cache_key=key)
-                    values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one sync
-                    for k, v in zip(terms, values, strict=True):
-                        record[k] = record.get(k, 0.0) + weight * v
-                    finite = finite and engine.backward(weight * terms["loss"])
-                engine.update(opt, finite)
-                sched.step()
-                history.append(record)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()}, refresh=False)
-                bar.update()
+                    record.add(terms, weight)
+                    ok = engine.backward(weight * terms["loss"])
+                    finite = ok if finite is None else finite & ok
+                engine.update(opt, True if finite is None else finite)
+                records.append(record)
+                if (step + 1) % log_every == 0:
+                    flush()
                 if on_step:
                     on_step(step, record)
                 if after_step:
                     after_step(step)
     except KeyboardInterrupt:
         interrupted = True
-        log.warning("interrupted after %d steps: keeping the current result", len(history))
+        log.warning("interrupted after %d steps: keeping the current result", len(records))
     finally:
+        flush()
         bar.close()
-    return history, interrupted
+    return resolve_records(records), interrupted

@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 
 from ..augment import draw_example
 from ..config import Config
-from ..io import InputError, check_output_dir, fit_size, save_png, save_text, to_image_tensor
+from ..io import (
+    InputError,
+    check_not_flat,
+    check_output_dir,
+    fit_size,
+    save_png,
+    save_text,
+    to_image_tensor,
+)
 from ..kernels import composite_rgba
 from ..losses import Layers
 from ..models.generator import Generator, min_side
@@ -108,7 +116,7 @@ class ImageEditor(Editor):
         if cfg.data.size and cfg.data.size < smallest:
             raise InputError(f"--size {cfg.data.size} is below the generator's minimum of {smallest} px")
         source, notes = to_image_tensor(image)
-        source = fit_size(source, cfg.data.size, smallest)
+        source = check_not_flat(fit_size(source, cfg.data.size, smallest))
         if cfg.seed < 0:
             cfg.seed = random.randrange(2**31)
         return cfg, source[None], notes

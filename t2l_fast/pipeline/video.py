@@ -266,7 +266,7 @@ class VideoEditor(Editor):
         def jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             """The original's crop augmentation: colour jitter (0.1) with probability data.jitter_p."""
             if float(torch.rand(1, generator=gen)) < cfg.data.jitter_p:
-                return apply_colour(x, ColourParams.draw(1, 1.0, 0.1, 0.0, gen))
+                return apply_colour(x, ColourParams.draw(1, 1.0, 0.1, 0.0, gen).to(x.device))
             return x
 
         def examples_of_step(step: int, gen: torch.Generator):
@@ -414,6 +414,8 @@ class _CropSampler:
         # foreground: train on the object over black (the reference's choice)
         self.train_frames = self.frames * alpha[:, None] if self.layer == "foreground" else self.frames
         self.texels = data.to_texel(data.uv(self.layer), self.layer)  # (T, H, W, 2) indices into the atlas
+        # a host copy for the atlas-crop boxes: a step reads no value back from the device
+        self.host_texels = self.texels.cpu()
         self.atlas_image = data.atlas_image(self.layer).float()  # (3, h, w)
         # pad right/bottom (replicate) so bucketed crops always fit; texel indices are unchanged
         ha, wa = self.atlas_image.shape[-2:]
@@ -511,6 +513,9 @@ class _CropSampler:
         frames = windows(self.train_frames)  # (3, 3, hc, wc)
         opacity = windows(self.opacity)  # (3, hc, wc)
         texels = windows(self.texels.permute(0, 3, 1, 2))  # (3, 2, hc, wc)
+        # the box of the windows' texels, on the host (resampling stays inside it)
+        host = windows(self.host_texels.permute(0, 3, 1, 2)).transpose(0, 1).reshape(2, -1)
+        (lu, lv), (hu, hv) = host.amin(1).floor().long().tolist(), host.amax(1).ceil().long().tolist()
         size = (self._tensor_side(hc), self._tensor_side(wc))
         if size != (hc, wc):  # resample the window to its bucketed size (its cover stays as drawn)
             frames, opacity, texels = (
@@ -520,15 +525,15 @@ class _CropSampler:
             opacity = opacity[:, 0]
         texels = texels.permute(0, 2, 3, 1)  # (3, h, w, 2)
         # atlas crop: the texel box of the windows' UVs, grown to the generator's minimum / the bucket
-        lo = texels.reshape(-1, 2).amin(0).floor()
-        hi = texels.reshape(-1, 2).amax(0).ceil()
         ph, pw = self.padded.shape[-2:]
-        size_u = min(pw, self._round_up(max(self.smallest, int(hi[0] - lo[0]) + 1)))
-        size_v = min(ph, self._round_up(max(self.smallest, int(hi[1] - lo[1]) + 1)))
-        u0 = int(min(max(float((lo[0] + hi[0]) / 2) - size_u / 2, 0), pw - size_u))
-        v0 = int(min(max(float((lo[1] + hi[1]) / 2) - size_v / 2, 0), ph - size_v))
+        size_u = min(pw, self._round_up(max(self.smallest, hu - lu + 1)))
+        size_v = min(ph, self._round_up(max(self.smallest, hv - lv + 1)))
+        # the extra texels split around the box (integer arithmetic: the box's last texel stays in)
+        u0 = min(max(lu - (size_u - (hu - lu + 1)) // 2, 0), pw - size_u)
+        v0 = min(max(lv - (size_v - (hv - lv + 1)) // 2, 0), ph - size_v)
         atlas = self.padded[:, :, v0 : v0 + size_v, u0 : u0 + size_u]
-        origin = torch.tensor([u0, v0], dtype=torch.float32, device=self.device)
-        extent = torch.tensor([size_u, size_v], dtype=torch.float32, device=self.device)
-        grid = (2 * (texels - origin) + 1) / extent - 1
+        grid = torch.stack(
+            [(2 * (texels[..., 0] - u0) + 1) / size_u - 1, (2 * (texels[..., 1] - v0) + 1) / size_v - 1],
+            dim=-1,
+        )
         return _Crop(atlas, grid, frames, opacity)

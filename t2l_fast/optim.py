@@ -1,0 +1,222 @@
+"""MADGRAD in a few whole-model launches, with a device-side skip and a device-side lr schedule.
+
+The update is the ``madgrad`` package's MADGRAD (Defazio & Jelassi 2021) for dense gradients, with the
+same ``lr``, ``momentum``, ``weight_decay``, ``eps`` and ``decouple_decay`` semantics. With k the number
+of updates applied so far, lr the (scheduled) learning rate, and g = grad (+ decay * p unless decoupled):
+
+    lr'    = lr + eps            (when lr != 0; as the package does "for stability")
+    lamb   = lr' * sqrt(k + 1)
+    gss   += lamb * g * g        (sum of squared gradients)
+    s     += lamb * g
+    rms    = gss^(1/3) + eps
+    z      = x0 - s / rms        (x0: the parameters at the first step; with momentum 0, recovered as
+                                  p + s_old / rms_old)
+    p      = (1 - ck) p + ck z   with ck = 1 - momentum  (momentum 0: p = z)
+    p     -= lr' * decay * p_old (decoupled decay only)
+
+What differs from the package is how it runs:
+
+- **No per-tensor loop.** The state (gss, s, x0) of all parameters lives in one flat fp32 buffer per
+  quantity (each parameter's state entries are views into it, so ``state_dict`` still works). A step
+  concatenates the gradients and the parameters into flat buffers (one ``cat`` each), runs the update
+  as a handful of whole-buffer ops and copies the new values back with one ``torch._foreach_copy_``:
+  about 25 kernel launches whatever the number of parameter tensors (the package: ~8 per tensor).
+- **No host synchronisation.** The step count, the scheduled learning rate and lamb are 0-dim device
+  tensors (fp64, rounded to fp32 where used, as the package's Python floats are).
+- **Device-side skip.** ``step(skip=flag)`` with a 0-dim bool device tensor makes the whole update a
+  no-op when the flag is true: gradients are replaced by zeros (so NaN/inf never reach the state) and
+  the new parameters are selected with ``torch.where``; the step count does not advance. With
+  ``skip_nonfinite=True`` (the default) a gradient with any non-finite element also skips the step.
+  ``step`` returns the 0-dim bool "applied" flag, still on the device.
+- **Schedule on the device.** lr = max(lr0 * gamma^k, min_lr) with k = the number of *applied* updates,
+  so the schedule advances only after a real update (gamma = 1, min_lr = 0: constant lr).
+
+Parameters whose ``grad`` is None are left alone (as the package does); their state stays as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+class FusedMADGRAD(torch.optim.Optimizer):
+    """MADGRAD over flat buffers (see the module docstring). One parameter group per optimizer step
+    layout; all parameters of a group must share a device."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eps: float = 1e-6,
+        decouple_decay: bool = False,
+        *,
+        gamma: float = 1.0,
+        min_lr: float = 0.0,
+        skip_nonfinite: bool = True,
+    ):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum {momentum} must be in [0, 1)")
+        if lr < 0:
+            raise ValueError(f"learning rate {lr} must be non-negative")
+        if weight_decay < 0:
+            raise ValueError(f"weight decay {weight_decay} must be non-negative")
+        if eps <= 0:
+            raise ValueError(f"eps {eps} must be positive (eps = 0 is not supported here)")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma {gamma} must be in (0, 1]")
+        if min_lr < 0:
+            raise ValueError(f"min_lr {min_lr} must be non-negative")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eps=eps,
+            decouple_decay=decouple_decay,
+            gamma=gamma,
+            min_lr=min_lr,
+        )
+        super().__init__(params, defaults)
+        self.skip_nonfinite = skip_nonfinite
+        self._flat: dict[int, dict] = {}  # id(param group) -> its flat state buffers
+
+    # -- device-side counters ---------------------------------------------------------------------
+    def _counter(self, device: torch.device) -> torch.Tensor:
+        """The number of applied updates k: a 0-dim fp64 tensor on ``device`` (exact up to 2**53)."""
+        k = self.state.get("k")
+        if k is None:
+            k = torch.zeros((), dtype=torch.float64, device=device)
+            self.state["k"] = k
+        return k
+
+    @property
+    def updates(self) -> torch.Tensor | None:
+        """The number of updates applied so far (0-dim fp64 device tensor; None before the first step)."""
+        return self.state.get("k")
+
+    def scheduled_lr(self, group: dict | None = None) -> torch.Tensor:
+        """max(lr0 * gamma^k, min_lr) for ``group`` (default: the first) as a 0-dim fp64 tensor."""
+        group = self.param_groups[0] if group is None else group
+        device = next(iter(group["params"])).device
+        k = self._counter(device)
+        lr = torch.pow(torch.tensor(group["gamma"], dtype=torch.float64, device=device), k) * group["lr"]
+        return torch.clamp_min(lr, group["min_lr"])
+
+    # -- state --------------------------------------------------------------------------------------
+    def _init_group(self, group: dict) -> dict:
+        """Flat fp32 state buffers for every parameter of ``group``; per-parameter views in
+        ``self.state[p]``. x0 is the parameters' value now (before any update), as in the package."""
+        flat = self._flat.get(id(group))
+        if flat is not None:
+            return flat
+        params = list(group["params"])
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"FusedMADGRAD: a parameter group must live on one device, got {devices}")
+        numels = [p.numel() for p in params]
+        with torch.no_grad():
+            p_flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        flat = {
+            "numels": numels,
+            "gss": torch.zeros_like(p_flat),
+            "s": torch.zeros_like(p_flat),
+            "x0": p_flat if group["momentum"] != 0 else None,
+        }
+        for name in ("gss", "s", "x0"):
+            if flat[name] is None:
+                continue
+            for p, view in zip(params, torch.split(flat[name], numels), strict=True):
+                key = {"gss": "grad_sum_sq", "s": "s", "x0": "x0"}[name]
+                self.state[p][key] = view.view(p.shape)
+        self._flat[id(group)] = flat
+        return flat
+
+    # -- the step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None, *, skip: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Apply one MADGRAD update unless ``skip`` (0-dim bool tensor) is true or, with
+        ``skip_nonfinite``, a gradient is not finite. Returns the 0-dim bool "applied" flag (on the
+        device; reading it is the caller's choice of a sync). ``closure`` is not supported."""
+        if closure is not None:
+            raise ValueError("FusedMADGRAD.step does not take a closure")
+        applied = None
+        for group in self.param_groups:
+            flag = self._step_group(group, skip)
+            if flag is not None:
+                applied = flag if applied is None else applied & flag
+        if applied is None:  # no gradient anywhere: nothing happened
+            device = next(iter(self.param_groups[0]["params"])).device
+            applied = torch.zeros((), dtype=torch.bool, device=device)
+        return applied
+
+    def _step_group(self, group: dict, skip: torch.Tensor | None) -> torch.Tensor | None:
+        params = list(group["params"])
+        have = [i for i, p in enumerate(params) if p.grad is not None]
+        if not have:
+            return None
+        if any(params[i].grad.is_sparse for i in have):
+            raise RuntimeError("FusedMADGRAD does not support sparse gradients")
+        flat = self._init_group(group)
+        device = params[have[0]].device
+        k = self._counter(device)
+        everything = len(have) == len(params)
+        sel = params if everything else [params[i] for i in have]
+        numels = flat["numels"] if everything else [flat["numels"][i] for i in have]
+
+        def state(name: str) -> torch.Tensor:
+            buf = flat[name]
+            if everything:
+                return buf
+            views = torch.split(buf, flat["numels"])
+            return torch.cat([views[i] for i in have])
+
+        momentum, decay, eps = group["momentum"], group["weight_decay"], group["eps"]
+        decouple = group["decouple_decay"]
+        ck = 1.0 - momentum
+
+        g = torch.cat([p.grad.reshape(-1).float() for p in sel])  # (N,) fp32
+        p_flat = torch.cat([p.reshape(-1).float() for p in sel])  # (N,) fp32
+        if decay != 0 and not decouple:
+            g = g.add(p_flat, alpha=decay)
+        skip_now = torch.zeros((), dtype=torch.bool, device=device) if skip is None else skip.to(device)
+        if self.skip_nonfinite:
+            skip_now = skip_now | ~torch.isfinite(g).all()
+        g = torch.where(skip_now, 0.0, g)  # NaN/inf never reach the state; lamb * 0 leaves it exact
+
+        lr = self.scheduled_lr(group)  # fp64 0-dim
+        lr = torch.where(lr != 0, lr + eps, lr)
+        lamb = (lr * torch.sqrt(k + 1)).float()  # rounded to fp32 as the package's Python float is
+
+        gss, s = state("gss"), state("s")
+        if momentum == 0:
+            x0 = torch.addcdiv(p_flat, s, gss.pow(1 / 3).add_(eps), value=1)
+        else:
+            x0 = state("x0")
+        gss.addcmul_(g * lamb, g)
+        rms = gss.pow(1 / 3).add_(eps)
+        s.add_(g * lamb)
+        z = torch.addcdiv(x0, s, rms, value=-1)
+        new_p = z if momentum == 0 else p_flat.mul(1 - ck).add_(z, alpha=ck)
+        if decay != 0 and decouple:
+            new_p = new_p - p_flat * (lr.float() * decay)
+        new_p = torch.where(skip_now, p_flat, new_p)
+
+        if not everything:  # write the gathered state back into the flat buffers
+            for name, buf in (("gss", gss), ("s", s)):
+                views = torch.split(flat[name], flat["numels"])
+                torch._foreach_copy_([views[i] for i in have], list(torch.split(buf, numels)))
+        torch._foreach_copy_(
+            [p.detach() for p in sel],
+            [v.view(p.shape) for p, v in zip(sel, torch.split(new_p, numels), strict=True)],
+        )
+        k.add_((~skip_now).to(k.dtype))
+        return ~skip_now
+
+
+def madgrad_lr(lr0: float, gamma: float, min_lr: float, k: int) -> float:
+    """The schedule on the host, for tests and logs: max(lr0 * gamma^k, min_lr)."""
+    return max(lr0 * math.pow(gamma, k), min_lr)
