@@ -322,7 +322,8 @@ def make_views(images: torch.Tensor, params: ViewParams, fill: float, min_cover:
     if b > 1:
         images = images.repeat_interleave(len(params) // b, dim=0)
     views = warp(images, params.geometry, params.size, fill=fill)
-    return apply_colour(views, params.colour)
+    # several RGB images stacked on the channels (B, 3k, H, W) share one warp; colour per image
+    return torch.cat([apply_colour(v, params.colour) for v in views.split(3, dim=1)], dim=1)
 
 
 def resize_view(image: torch.Tensor, short: int, max_long: int) -> torch.Tensor:

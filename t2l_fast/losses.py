@@ -321,10 +321,21 @@ class Objective:
     def __call__(
         self, layers: Layers, step: int, gen: torch.Generator, cache_key: tuple | None = None
     ) -> dict[str, torch.Tensor]:
-        """-> {term: scalar}; "loss" is the weighted total. Terms are means over the examples."""
+        """-> {term: scalar}; "loss" is the weighted total. Terms are means over the examples.
+
+        The step's randomness is drawn first, on the host, and sent to the device in one copy;
+        :meth:`compute` is then tensor work only (it traces as one graph on the fast path)."""
         lc = self.cfg.loss
         draw = self.draw(len(layers), tuple(layers.source.shape[-2:]), gen).to(layers.source.device)
         weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap, lc.bootstrap_schedule)
+        return self.compute(layers, draw, weight, cache_key)
+
+    def compute(
+        self, layers: Layers, draw: StepDraw, weight: float = 0.0, cache_key: tuple | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every term for ``layers`` with the random choices ``draw`` (on the layers' device) and the
+        bootstrap weight of the step."""
+        lc = self.cfg.loss
         boot_target = None
         if weight > 0:
             boot_target = self._cached("relevancy", cache_key, lambda: self.relevancy(layers.source))
@@ -364,14 +375,24 @@ class Objective:
         if separate:
             for name, (images, params) in wanted.items():
                 emb[name] = self.encode_image(self._views(images, params))
-        elif wanted:
-            views = [self._views(images, params) for images, params in wanted.values()]
-            out = self.encode_image(torch.cat(views))
-            for name, part in zip(wanted, out.split([len(v) for v in views]), strict=True):
+            if draw.direction:
+                with torch.no_grad():
+                    emb["dir_src"] = self.encode_image(self._views(layers.source, draw.direction))
+            return emb
+        views = {}
+        for name, (images, params) in wanted.items():
+            if name == "dir_out":  # the paired source views share the warp (one grid for both)
+                pair = self._views(torch.cat([images, layers.source], dim=1), params)
+                views[name], src_views = pair[:, :3], pair[:, 3:]
+            else:
+                views[name] = self._views(images, params)
+        if views:
+            out = self.encode_image(torch.cat(list(views.values())))
+            for name, part in zip(views, out.split([len(v) for v in views.values()]), strict=True):
                 emb[name] = part
         if draw.direction:
             with torch.no_grad():
-                emb["dir_src"] = self.encode_image(self._views(layers.source, draw.direction))
+                emb["dir_src"] = self.encode_image(src_views.detach())
         return emb
 
     def _structure_tokens(self, layers: Layers, cache_key: tuple | None):

@@ -148,3 +148,31 @@ def test_the_counter_sees_a_sync_and_a_transfer():
             pass
         device_tensor[device_tensor > 0]  # boolean-mask indexing: a sync
     assert counter.syncs == ["__bool__", "boolean-mask indexing"] and counter.transfers == 1
+
+
+def test_the_objectives_batched_pass_traces_as_one_graph(tiny_clip):
+    """With the step's randomness drawn first, the fast path's objective (views, CLIP, structure
+    target, every loss, the fused ops) is one graph: no break that would split a compiled region."""
+    import torch._dynamo
+
+    from t2l_fast.losses import Layers, Objective
+
+    cfg = small_config()
+    cfg.roi_prompt = "cat"  # the directional loss and its no-gradient source views too
+    objective = Objective(tiny_clip, cfg, batched=True)
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 3, 140, 170, generator=g)
+    rgba = torch.rand(2, 4, 140, 170, generator=g).requires_grad_()
+    draw = objective.draw(2, (140, 170), torch.Generator().manual_seed(1)).to("cpu")
+
+    def step(rgba, source):
+        return objective.compute(Layers.from_rgba(rgba, source), draw)["loss"]
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(rgba, source)
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+    # and the traced graph computes what eager does
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(rgba, source), step(rgba, source))
