@@ -585,7 +585,7 @@ class _Worker:
     """Runs jobs in this process: one device, CLIP loaded once (on the first job that trains)."""
 
     def __init__(self, clip_name: str, clip_weights: str | None, device, rank: int, clip=None):
-        from .pipeline.base import resolve_device
+        from .device import resolve_device
 
         self.device = resolve_device(device)
         self.clip_name, self.clip_weights, self.rank = clip_name, clip_weights, rank

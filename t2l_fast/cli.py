@@ -10,8 +10,10 @@ import typer
 
 from .batch import batch
 from .cli_atlas import atlas
+from .cli_common import fail
 from .cli_serve import serve
 from .config import Config, load_yaml, parse_overrides, preset
+from .device import resolve_device
 from .io import InputError, check_output_dir, save_png
 
 app = typer.Typer(
@@ -28,11 +30,6 @@ NOT_A_REAL_EDIT = (
     "NOTE: --clip test-tiny is a small random test model: the result is NOT a real edit "
     "(use it to check the installation only)"
 )
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 @app.callback()
@@ -119,8 +116,7 @@ def edit(
     """Edit an image or a video as a text prompt says; writes the result and the RGBA edit layer to OUT."""
     video = is_video_input(image)
     try:
-        if device not in ("auto", "cuda", "cpu") and not device.startswith("cuda:"):
-            raise InputError(f"--device {device!r} is not one of auto, cuda, cpu")
+        resolve_device(device)  # a bad or unavailable device fails here, before anything loads
         if steps is not None and steps <= 0:
             raise InputError(f"--steps must be > 0 (got {steps})")
         if frames is not None and frames <= 0:
@@ -167,9 +163,9 @@ def edit(
         else:
             _edit_image(image, cfg, device, out)
     except InputError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted before training started; nothing written", 130) from None
+        raise fail("interrupted before training started; nothing written", 130) from None
 
 
 def _edit_image(image: Path, cfg: Config, device: str, out: Path) -> None:
@@ -219,7 +215,7 @@ def _finish(result, out: Path) -> None:
     try:
         paths = result.save(out)
     except KeyboardInterrupt:
-        raise _fail("interrupted while writing; files already written are whole", 130) from None
+        raise fail("interrupted while writing; files already written are whole", 130) from None
     if result.is_test_model:
         typer.echo(NOT_A_REAL_EDIT, err=True)
     typer.echo(f"wrote {len(paths)} files to {out}/ ({result.steps_done} steps)")

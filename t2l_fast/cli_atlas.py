@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from .cli_common import fail
+from .device import resolve_device
 from .io import InputError, atomic_path, check_output_dir, save_png
 
 NO_MASKS_NOTE = (
@@ -34,11 +36,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 def atlas(
     video: Path = typer.Argument(..., help="The video: a file (mp4, mov, ...) or a folder of frames."),
     masks: Path = typer.Option(
@@ -58,8 +55,7 @@ def atlas(
 
     out = out or Path(f"atlas_{video.stem or 'video'}")
     try:
-        if device != "auto" and device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
-            raise InputError(f"--device {device!r} is not one of auto, cuda, cuda:N, cpu")
+        resolve_device(device)  # a bad or unavailable device fails here, before anything loads
         if iterations < 0:
             raise InputError(f"--iterations must be >= 0 (got {iterations})")
         if frames is not None and frames < 3:
@@ -81,9 +77,9 @@ def atlas(
             )
         cfg = FitConfig(iterations=iterations, batch=batch)
     except InputError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted before fitting started; nothing written", 130) from None
+        raise fail("interrupted before fitting started; nothing written", 130) from None
 
     if mask_tensor is None:
         typer.echo(NO_MASKS_NOTE, err=True)
@@ -106,7 +102,7 @@ def atlas(
             meta={"source": source},
         )
     except InputError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
     try:
         result.save(out / "atlas.safetensors")
@@ -117,7 +113,7 @@ def atlas(
         with atomic_path(out / "fit_stats.json") as tmp:
             tmp.write_text(json.dumps({"source": source, "size": list(wh), **stats.to_json()}, indent=1))
     except KeyboardInterrupt:
-        raise _fail("interrupted while writing; files already written are whole", 130) from None
+        raise fail("interrupted while writing; files already written are whole", 130) from None
     typer.echo(
         f"reconstruction PSNR {stats.psnr:.2f} dB after {stats.iterations} iterations "
         f"({stats.fit_seconds:.0f} s fitting, {stats.flow_seconds:.0f} s flow)"

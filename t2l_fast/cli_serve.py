@@ -7,14 +7,11 @@ from pathlib import Path
 
 import typer
 
+from .cli_common import fail
+from .device import resolve_device
 from .io import InputError
 
 UI_EXTRA = 'the web page needs the ui extra: python -m pip install -e ".[ui]"'
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def serve(
@@ -41,27 +38,25 @@ def serve(
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise _fail(UI_EXTRA) from None
+        raise fail(UI_EXTRA) from None
     try:
         if not 1 <= port <= 65535:
             raise InputError(f"--port must be in 1..65535 (got {port})")
         if max_upload_mb < 1 or max_megapixels <= 0:
             raise InputError("--max-upload-mb and --max-megapixels must be positive")
-        if device not in ("auto", "cuda", "cpu") and not device.startswith("cuda:"):
-            raise InputError(f"--device {device!r} is not one of auto, cuda, cpu")
+        resolve_device(device)  # a bad or unavailable device fails here, before anything loads
         if clip_weights is not None and not clip_weights.is_file():
             raise InputError(f"--clip-weights file not found: {clip_weights}")
         problem = free_port_error(host, port)
         if problem:
             raise InputError(problem)
         from .models.clip import load_clip
-        from .pipeline.base import resolve_device
 
         dev = resolve_device(device)
         typer.echo(f"loading CLIP {clip} on {dev} ...", err=True)
         model = load_clip(clip, clip_weights, dev)  # once, for every request
     except InputError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
     from .serve import App
     from .serve_page import build_page
@@ -83,7 +78,7 @@ def serve(
             footer_links=[],
         )
     except OSError as exc:  # lost a race for the port since the check above
-        raise _fail(f"cannot listen on {host}:{port}: {exc}") from None
+        raise fail(f"cannot listen on {host}:{port}: {exc}") from None
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"t2l-fast serve: open http://{shown}:{port}/ (outputs in {folder}; Ctrl-C stops)")
     if model.is_test_model:

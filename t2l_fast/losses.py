@@ -172,20 +172,16 @@ class Layers:
     def __len__(self) -> int:
         return self.source.shape[0]
 
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.source, self.composite, self.greenscreen, self.alpha, self.alpha_l1, self.alpha_l0)
+
+    @staticmethod
+    def cat(parts: list[Layers]) -> Layers:
+        """The examples of ``parts`` (all of one size) as one batch."""
+        return Layers(*(torch.cat(column) for column in zip(*(p.fields() for p in parts), strict=True)))
+
     def __getitem__(self, i: int) -> Layers:
-        return Layers(
-            *(
-                t[i : i + 1]
-                for t in (
-                    self.source,
-                    self.composite,
-                    self.greenscreen,
-                    self.alpha,
-                    self.alpha_l1,
-                    self.alpha_l0,
-                )
-            )
-        )
+        return Layers(*(t[i : i + 1] for t in self.fields()))
 
 
 @dataclass

@@ -21,8 +21,8 @@ from t2l_fast.augment import (
     perspective_matrix,
     resize_view,
     view_size,
-    whole_patches,
     warp,
+    whole_patches,
 )
 from t2l_fast.config import DataConfig, ViewConfig
 

@@ -14,7 +14,8 @@ from t2l_fast.config import preset
 from t2l_fast.models.atlas import NLAModels, save_nla_checkpoint
 from t2l_fast.pipeline import base as pipeline_base
 from t2l_fast.pipeline import video as video_pipeline
-from t2l_fast.pipeline.video import VideoEditor, _CropSampler, _foreground_boxes
+from t2l_fast.pipeline.crops import CropSampler, foreground_boxes
+from t2l_fast.pipeline.video import VideoEditor
 from t2l_fast.synthetic import two_layer_scene
 from t2l_fast.video_io import read_video
 from tests.conftest import FAST_CLI as FAST
@@ -93,7 +94,7 @@ def test_crop_sampler_windows_match_the_atlas(scene):
     cfg = small_video_config()
     inputs = video_pipeline.VideoInput(frames, 25.0, data)
     for bucket in (1, 64):
-        sampler = _CropSampler(cfg, inputs, torch.device("cpu"), 129, bucket)
+        sampler = CropSampler(cfg, inputs, torch.device("cpu"), 129, bucket)
         crop = sampler.draw(torch.Generator().manual_seed(1))
         assert min(crop.atlas.shape[-2:]) >= 129
         if bucket > 1:
@@ -112,10 +113,10 @@ def test_crop_sampler_windows_match_the_atlas(scene):
             assert float(diff.max()) < 0.005
 
 
-def test_foreground_boxes():
+def testforeground_boxes():
     alpha = torch.zeros(2, 60, 80)
     alpha[0, 10:20, 30:40] = 1.0
-    boxes = _foreground_boxes(alpha, 0.95, border=5, smallest=30)
+    boxes = foreground_boxes(alpha, 0.95, border=5, smallest=30)
     y, x, h, w = boxes[0].tolist()
     assert h == 30 and w == 30 and y <= 5 and y + h >= 25 and x <= 25 and x + w >= 45
     assert boxes[1].tolist() == [0, 0, 60, 80]  # no object: the whole frame

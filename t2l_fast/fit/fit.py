@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from t2l_fast.device import resolve_device
 from t2l_fast.io import InputError, atomic_path
 from t2l_fast.models.atlas import AtlasData
 
@@ -350,15 +351,6 @@ def reconstruct(atlas: AtlasData) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine (use cpu)")
-    return dev
-
-
 def _param_groups(model: LayeredGridModel, cfg: FitConfig) -> list[dict]:
     groups = [
         {"params": list(model.affine.parameters()), "lr": cfg.lr_affine, "name": "affine"},
@@ -438,7 +430,7 @@ def fit_atlas(
     """
     cfg = config or FitConfig()
     check_inputs(frames, masks)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     t_, _, h, w = frames.shape
     has_fg = masks is not None
     grid = cfg.grid or default_grid(h, w)

@@ -393,6 +393,17 @@ def texel_box(uv: torch.Tensor, layer: str, grid: int) -> TexelBox:
     return TexelBox(u0, v0, int(hi[0]) - u0 + 1, int(hi[1]) - v0 + 1)
 
 
+def texels_to_grid(
+    texels: torch.Tensor, origin: tuple[float, float], size: tuple[float, float]
+) -> torch.Tensor:
+    """Fractional texel indices (…, 2) -> ``grid_sample`` coordinates (x then y, align_corners=False)
+    of the crop of ``size`` (width, height) starting at texel ``origin`` (u0, v0): index p maps to
+    (2(p - origin) + 1)/size - 1, so texel centres are hit exactly (mind the half texel)."""
+    u = (2 * (texels[..., 0] - origin[0]) + 1) / size[0] - 1
+    v = (2 * (texels[..., 1] - origin[1]) + 1) / size[1] - 1
+    return torch.stack([u, v], dim=-1)
+
+
 def texel_coords(box: TexelBox, layer: str, grid: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Atlas coordinates of the texel centres of ``box``: (height, width, 2), [..., 0] = u, [..., 1] = v."""
     s = _check_layer(layer)
@@ -592,8 +603,7 @@ class AtlasData:
         centres are hit exactly (mind the half texel).
         """
         box = self.box(layer)
-        size = torch.tensor([box.width, box.height], dtype=torch.float32, device=uv.device)
-        return (2.0 * self.to_texel(uv, layer) + 1.0) / size - 1.0
+        return texels_to_grid(self.to_texel(uv, layer), (0, 0), (box.width, box.height))
 
     def texel_coords(self, layer: str) -> torch.Tensor:
         """Atlas coordinates of the texel centres of the cropped atlas image: (h, w, 2)."""

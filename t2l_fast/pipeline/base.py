@@ -11,20 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import Config, preset
-from ..io import InputError, atomic_path
+from ..device import resolve_device
+from ..io import atomic_path
 from ..losses import Objective
 from ..models.clip import Clip, load_clip
 from .engine import Engine
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an InputError."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
-    return device
 
 
 def save_generator(path: str | os.PathLike, state: dict[str, torch.Tensor], cfg: Config, **meta: str) -> Path:
