@@ -323,19 +323,10 @@ def reconstruction_psnr(atlas: AtlasData, frames: torch.Tensor) -> tuple[float, 
     per = []
     sq = 0.0
     target = _as_float(frames)
-    for t0 in range(0, atlas.num_frames, 8):
-        sub = AtlasData(
-            atlas.uv_background[t0 : t0 + 8],
-            atlas.uv_foreground[t0 : t0 + 8],
-            atlas.alpha[t0 : t0 + 8],
-            atlas.background_atlas,
-            atlas.foreground_atlas,
-            atlas.background_box,
-            atlas.foreground_box,
-            atlas.grid,
-        )
+    for sl in atlas.chunks():
+        sub = atlas.frames(sl)
         rec = sub.composite(sub.sample("foreground"), sub.sample("background")).clamp(0, 1)
-        err = (rec - target[t0 : t0 + 8].to(rec.device)).square().flatten(1).mean(1)  # (n,)
+        err = (rec - target[sl].to(rec.device)).square().flatten(1).mean(1)  # (n,)
         per += [_psnr(float(e)) for e in err]
         sq += float(err.sum())
     return _psnr(sq / atlas.num_frames), per

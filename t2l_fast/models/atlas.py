@@ -39,7 +39,8 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -575,6 +576,21 @@ class AtlasData:
             raise AtlasCheckpointError(f"{path}: inconsistent atlas ({e})") from e
         return atlas.to(device)
 
+    # -- frames -------------------------------------------------------------------------------
+    def frames(self, index: slice) -> AtlasData:
+        """The same atlas over the frames ``index`` (the atlas images and metadata are shared)."""
+        return replace(
+            self,
+            uv_background=self.uv_background[index],
+            uv_foreground=self.uv_foreground[index],
+            alpha=self.alpha[index],
+        )
+
+    def chunks(self, size: int = 8) -> Iterator[slice]:
+        """Slices of at most ``size`` frames covering the video: bounds the memory of per-pixel work."""
+        for t0 in range(0, self.num_frames, size):
+            yield slice(t0, min(self.num_frames, t0 + size))
+
     # -- per layer ----------------------------------------------------------------------------
     def atlas_image(self, layer: str) -> torch.Tensor:
         """The cropped atlas image of ``layer``: (3, h, w)."""
@@ -637,9 +653,9 @@ class AtlasData:
             (self.num_frames, image.shape[0], self.height, self.width), dtype=torch.float32, device=uv.device
         )
         img = image.float().to(uv.device).unsqueeze(0)
-        for t0 in range(0, self.num_frames, frames_per_chunk):
-            g = self.to_grid(uv[t0 : t0 + frames_per_chunk], layer)  # (n, H, W, 2)
-            out[t0 : t0 + g.shape[0]] = F.grid_sample(
+        for sl in self.chunks(frames_per_chunk):
+            g = self.to_grid(uv[sl], layer)  # (n, H, W, 2)
+            out[sl] = F.grid_sample(
                 img.expand(g.shape[0], -1, -1, -1),
                 g,
                 mode="bilinear",

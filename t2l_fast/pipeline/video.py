@@ -15,7 +15,6 @@ the object over black during training (the reference's choice: CLIP judges the o
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import random
@@ -201,12 +200,7 @@ class VideoEditor(Editor):
                 )
             if t < data.num_frames:
                 # the first t frames (the atlas images and their metadata stay)
-                data = dataclasses.replace(
-                    data,
-                    uv_background=data.uv_background[:t],
-                    uv_foreground=data.uv_foreground[:t],
-                    alpha=data.alpha[:t],
-                )
+                data = data.frames(slice(0, t))
         if cfg.video.layer == "foreground" and data.foreground_is_empty(cfg.video.mask_threshold):
             raise InputError(
                 "the atlas' foreground is empty (no pixel has alpha >= "
@@ -314,8 +308,7 @@ class VideoEditor(Editor):
         t = data.num_frames
         composite = torch.empty(t, 3, data.height, data.width)
         greenscreen = torch.empty_like(composite)
-        for t0 in range(0, t, 8):
-            sl = slice(t0, min(t, t0 + 8))
+        for sl in data.chunks():
             grid = data.to_grid(data.uv(layer)[sl], layer).to(self.device)
             frames = inputs.frames[sl].to(self.device)
             out = sample_atlas(rgba[0], grid, frames, sampler.opacity[sl])
