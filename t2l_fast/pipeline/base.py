@@ -3,6 +3,7 @@ build for the engine's mode, and how a trained generator is saved."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -48,6 +49,15 @@ class Editor:
         self.dtype = dtype
         self._clip = clip.to(self.device) if clip is not None else None
         self.engine: Engine | None = None
+
+    def _run_config(self, **prompts) -> Config:
+        """A copy of the editor's config for one run, with the prompts given to the call (None keeps
+        the config's)."""
+        cfg = copy.deepcopy(self.config)
+        for name, value in prompts.items():
+            if value is not None:
+                setattr(cfg, name, value)
+        return cfg
 
     @property
     def clip(self) -> Clip:

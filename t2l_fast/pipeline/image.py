@@ -104,13 +104,7 @@ class ImageEditor(Editor):
         roi_prompt: str | None = None,
     ) -> tuple[Config, torch.Tensor, list[str]]:
         """Validate everything cheap before any model loads: returns (config, source (1,3,H,W), notes)."""
-        cfg = copy.deepcopy(self.config)
-        if prompt is not None:
-            cfg.prompt = prompt
-        if screen_prompt is not None:
-            cfg.screen_prompt = screen_prompt
-        if roi_prompt is not None:
-            cfg.roi_prompt = roi_prompt
+        cfg = self._run_config(prompt=prompt, screen_prompt=screen_prompt, roi_prompt=roi_prompt)
         cfg.validate()
         smallest = min_side(cfg.generator.scales)
         if cfg.data.size and cfg.data.size < smallest:

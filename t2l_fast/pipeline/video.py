@@ -14,7 +14,6 @@ the object over black during training (the reference's choice: CLIP judges the o
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
@@ -142,10 +141,7 @@ class VideoEditor(Editor):
     ) -> tuple[Config, VideoInput]:
         """Check everything before training: prompts, video, atlas (loaded; NLA networks are
         evaluated over the whole video here), frame counts, the layer."""
-        cfg = copy.deepcopy(self.config)
-        for name, value in (("prompt", prompt), ("screen_prompt", screen_prompt), ("roi_prompt", roi_prompt)):
-            if value is not None:
-                setattr(cfg, name, value)
+        cfg = self._run_config(prompt=prompt, screen_prompt=screen_prompt, roi_prompt=roi_prompt)
         if layer is not None:
             cfg.video.layer = layer
         if isinstance(atlas, (str, os.PathLike)):
