@@ -208,13 +208,4 @@ class LayeredGridModel(nn.Module):
             else:
                 img = torch.zeros(3, box.height, box.width, device=dev)
             images[layer], boxes[layer] = img, box
-        return AtlasData(
-            uv_background=uv["background"],
-            uv_foreground=uv["foreground"],
-            alpha=alpha,
-            background_atlas=images["background"],
-            foreground_atlas=images["foreground"],
-            background_box=boxes["background"],
-            foreground_box=boxes["foreground"],
-            grid=grid,
-        )
+        return AtlasData.from_layers(uv, alpha, images, boxes, grid)

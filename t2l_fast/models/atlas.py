@@ -479,6 +479,29 @@ class AtlasData:
     def device(self) -> torch.device:
         return self.uv_background.device
 
+    @staticmethod
+    def from_layers(
+        uv: dict[str, torch.Tensor],
+        alpha: torch.Tensor,
+        images: dict[str, torch.Tensor],
+        boxes: dict[str, TexelBox],
+        grid: int,
+        meta: dict | None = None,
+    ) -> AtlasData:
+        """An atlas from per-layer dicts ({"background": ..., "foreground": ...}) of UVs, atlas images
+        and texel boxes."""
+        return AtlasData(
+            uv_background=uv["background"],
+            uv_foreground=uv["foreground"],
+            alpha=alpha,
+            background_atlas=images["background"],
+            foreground_atlas=images["foreground"],
+            background_box=boxes["background"],
+            foreground_box=boxes["foreground"],
+            grid=grid,
+            meta=meta or {},
+        )
+
     def to(self, device: torch.device | str) -> AtlasData:
         """A copy with every tensor on ``device``."""
         return AtlasData(
@@ -808,13 +831,4 @@ def precompute_atlas(
         boxes["foreground"].height,
         grid,
     )
-    return AtlasData(
-        uv_background=uv_bg,
-        uv_foreground=uv_fg,
-        alpha=alpha,
-        background_atlas=atlases["background"],
-        foreground_atlas=atlases["foreground"],
-        background_box=boxes["background"],
-        foreground_box=boxes["foreground"],
-        grid=grid,
-    )
+    return AtlasData.from_layers({"background": uv_bg, "foreground": uv_fg}, alpha, atlases, boxes, grid)
