@@ -500,11 +500,9 @@ def load_manifest(
                     seed=seed,
                     preview_every=data.get("preview_every"),
                     size=data.get("size"),
+                    steps=data.get("steps"),
+                    bootstrap=bool(data.get("bootstrap")),
                 )
-                if data.get("steps") is not None:
-                    cfg.optim.steps = data["steps"]
-                if data.get("bootstrap"):
-                    cfg.loss.bootstrap_steps = cfg.optim.steps
                 if video:
                     cfg.video.atlas = str(resolve(data["atlas"])) if data.get("atlas") else cfg.video.atlas
                     cfg.video.layer = data.get("layer") or cfg.video.layer

@@ -12,7 +12,7 @@ from .batch import batch
 from .cli_atlas import atlas
 from .cli_common import fail
 from .cli_serve import serve
-from .config import Config, load_yaml, parse_overrides, preset
+from .config import Config, load_yaml, parse_overrides, preset, set_value
 from .device import resolve_device
 from .io import InputError, check_output_dir, save_png
 
@@ -42,27 +42,30 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="More loggi
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# Flags whose config key is not their own name; every other flag is the top-level key it names.
+FLAG_KEYS = {
+    "steps": "optim.steps",
+    "size": "data.size",
+    "atlas": "video.atlas",
+    "layer": "video.layer",
+    "frames": "video.frames",
+    "write_frames": "video.write_frames",
+}
+
+
 def build_config(config: Path | None, overrides: list[str], base: Config | None = None, **flags) -> Config:
-    """Preset, then the YAML file, then ``--set key=value``, then the explicit flags."""
+    """Preset, then the YAML file, then ``--set key=value``, then the explicit flags (None or False:
+    not given), each applied as its config key through the same ``set_value`` as ``--set``.
+    ``bootstrap=True`` anneals the relevancy bootstrap over all the run's steps."""
     base = base or preset("image")
     cfg = load_yaml(config, base) if config is not None else base
     parse_overrides(cfg, overrides)
-    mapping = {
-        "prompt": "prompt",
-        "screen_prompt": "screen_prompt",
-        "roi_prompt": "roi_prompt",
-        "seed": "seed",
-        "clip": "clip",
-        "clip_weights": "clip_weights",
-        "preview_every": "preview_every",
-    }
-    for flag, key in mapping.items():
-        if flags.get(flag) is not None:
-            setattr(cfg, key, flags[flag] if not isinstance(flags[flag], Path) else str(flags[flag]))
-    if flags.get("steps") is not None:
-        cfg.optim.steps = flags["steps"]
-    if flags.get("size") is not None:
-        cfg.data.size = flags["size"]
+    bootstrap = flags.pop("bootstrap", False)
+    for name, value in flags.items():
+        if value is not None and value is not False:
+            set_value(cfg, FLAG_KEYS.get(name, name), str(value) if isinstance(value, Path) else value)
+    if bootstrap:
+        cfg.loss.bootstrap_steps = cfg.optim.steps
     return cfg
 
 
@@ -147,14 +150,12 @@ def edit(
             preview_every=preview_every,
             steps=steps,
             size=size,
+            atlas=atlas,
+            layer=layer,
+            frames=frames,
+            write_frames=write_frames,
+            bootstrap=bootstrap,
         )
-        if bootstrap:
-            cfg.loss.bootstrap_steps = cfg.optim.steps
-        if video:
-            cfg.video.atlas = str(atlas) if atlas is not None else cfg.video.atlas
-            cfg.video.layer = layer or cfg.video.layer
-            cfg.video.frames = frames or cfg.video.frames
-            cfg.video.write_frames = write_frames or cfg.video.write_frames
         if cfg.clip_weights is not None and not Path(cfg.clip_weights).is_file():
             raise InputError(f"--clip-weights file not found: {cfg.clip_weights}")
         check_output_dir(out)
