@@ -5,8 +5,8 @@ The image and video editors share this; it knows nothing of where the crops come
 - ``reference``: eager, fp32, the torch references of the fused ops, each loss and example fed to
   CLIP on its own — the baseline that stands for the original method's cost.
 - ``fast``: every view of a step in as few CLIP calls as possible, source-side results reused,
-  fixed shapes (bucketed examples, one view size per run), torch.compile of generator and CLIP,
-  bf16 autocast with fp32 master weights, the Triton kernels.
+  few shapes (bucketed examples, whole-patch views), torch.compile of generator and CLIP,
+  bf16 autocast with fp32 master weights, the Triton kernels, no host sync inside a step.
 """
 
 from __future__ import annotations
