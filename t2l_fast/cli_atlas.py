@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from .cli_common import fail
+from .config import set_value
 from .device import resolve_device
 from .io import InputError, atomic_path, check_output_dir, save_png
 
@@ -36,28 +37,48 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def build_fit_config(overrides: list[str], **flags):
+    """The fit's settings: defaults, then ``--set key=value`` (through the editor's ``set_value``),
+    then the explicit flags (None: not given); validated before any frame is read."""
+    from .fit import FitConfig
+
+    cfg = FitConfig()
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value)
+    for name, value in flags.items():
+        if value is not None:
+            set_value(cfg, name, value)
+    cfg.__post_init__()  # FitConfig's own checks, on the final values
+    return cfg
+
+
 def atlas(
     video: Path = typer.Argument(..., help="The video: a file (mp4, mov, ...) or a folder of frames."),
     masks: Path = typer.Option(
         None, "--masks", "-m", help="Folder of per-frame object masks (PNG, 255 = object), DAVIS style."
     ),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: atlas_<video name>)."),
-    iterations: int = typer.Option(2000, help="Optimisation steps."),
+    iterations: int = typer.Option(None, help="Optimisation steps (default 2000)."),
     size: str = typer.Option("768x432", help="Frame size WIDTHxHEIGHT the atlas is fitted at."),
     frames: int = typer.Option(None, "--frames", "-n", help="Use only the first N frames."),
     batch: int = typer.Option(None, help="Pixels per step (default 65536 on CUDA, 8192 on the CPU)."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a fit setting (t2l_fast.fit.FitConfig): --set w_rigidity=1e-3"
+    ),
 ) -> None:
     """Fit a layered neural atlas (background + foreground) to VIDEO; writes the atlas for video edits,
     a reconstruction video, the atlas images and the fit's PSNR to OUT. Rerun to resume."""
-    from .fit import CHECKPOINT_NAME, FitConfig, fit_atlas, read_masks, reconstruct
+    from .fit import CHECKPOINT_NAME, fit_atlas, read_masks, reconstruct
     from .video_io import read_video, write_video
 
     out = out or Path(f"atlas_{video.stem or 'video'}")
     try:
         resolve_device(device)  # a bad or unavailable device fails here, before anything loads
-        if iterations < 0:
-            raise InputError(f"--iterations must be >= 0 (got {iterations})")
+        cfg = build_fit_config(overrides, iterations=iterations, batch=batch)
         if frames is not None and frames < 3:
             raise InputError(f"--frames must be at least 3 (got {frames})")
         wh = parse_size(size)
@@ -75,7 +96,6 @@ def atlas(
             mask_tensor = read_masks(
                 masks, t, wh, native_size, frames_truncated=frames is not None and t == frames
             )
-        cfg = FitConfig(iterations=iterations, batch=batch)
     except InputError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -86,7 +106,7 @@ def atlas(
     out.mkdir(parents=True, exist_ok=True)
     resuming = (out / CHECKPOINT_NAME).is_file()
     typer.echo(
-        f"fitting an atlas to {t} frames of {wh[0]}x{wh[1]} from {video} for {iterations} iterations"
+        f"fitting an atlas to {t} frames of {wh[0]}x{wh[1]} from {video} for {cfg.iterations} iterations"
         + (f" (resuming from {out / CHECKPOINT_NAME})" if resuming else ""),
         err=True,
     )

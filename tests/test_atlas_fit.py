@@ -327,3 +327,30 @@ def test_command_rejects_masks_empty_everywhere(video, on_disk, no_fit):
 def test_command_rejects_bad_size(on_disk, no_fit):
     result = run(on_disk / "frames", "--size", "big", "--out", on_disk / "o")
     assert result.exit_code == 2 and "WIDTHxHEIGHT" in result.output, result.output
+
+
+def test_command_set_overrides_fit_settings(on_disk, monkeypatch):
+    seen = {}
+
+    def capture(frames, masks, cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # stop before any fitting: only the settings are checked
+
+    monkeypatch.setattr("t2l_fast.fit.fit_atlas", capture)
+    args = (on_disk / "frames", "--size", "64x48", "--device", "cpu", "--out", on_disk / "o")
+    run(*args, "--set", "w_rigidity=1e-3", "--set", "iterations=7", "--batch", 64)
+    cfg = seen["cfg"]
+    assert cfg.w_rigidity == 1e-3 and cfg.iterations == 7 and cfg.batch == 64
+    run(*args, "--set", "iterations=7", "--iterations", 9)  # the flag wins over --set, as in edit
+    assert seen["cfg"].iterations == 9
+
+
+def test_command_rejects_bad_fit_settings(on_disk, no_fit):
+    args = (on_disk / "frames", "--size", "64x48", "--out", on_disk / "o")
+    result = run(*args, "--set", "w_nope=1")
+    assert result.exit_code == 2 and "unknown config key 'w_nope'" in result.output, result.output
+    result = run(*args, "--set", "compile=sometimes")
+    assert result.exit_code == 2 and "compile must be auto, on or off" in result.output, result.output
+    result = run(*args, "--iterations", -1)
+    assert result.exit_code == 2 and "iterations must be >= 0" in result.output, result.output
+    assert not (on_disk / "o").exists()
