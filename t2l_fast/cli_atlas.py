@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -11,20 +10,14 @@ import typer
 from .cli_common import fail
 from .config import set_value
 from .device import resolve_device
-from .io import InputError, atomic_path, check_output_dir, save_png
+from .fit.fit import FitResult
+from .io import InputError, check_output_dir
 
 NO_MASKS_NOTE = (
     "note: no --masks given: fitting a background-only atlas (alpha = 0, blank foreground atlas); "
     "background edits work, foreground edits need masks (--masks DIR: one PNG per frame, 255 = object)"
 )
-OUTPUTS = (
-    "atlas.safetensors",
-    "reconstruction.mp4",
-    "alpha.mp4",
-    "background_atlas.png",
-    "foreground_atlas.png",
-    "fit_stats.json",
-)
+OUTPUTS = FitResult.OUTPUTS  # what the command writes (FitResult.save)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -72,8 +65,8 @@ def atlas(
 ) -> None:
     """Fit a layered neural atlas (background + foreground) to VIDEO; writes the atlas for video edits,
     a reconstruction video, the atlas images and the fit's PSNR to OUT. Rerun to resume."""
-    from .fit import CHECKPOINT_NAME, fit_atlas, read_masks, reconstruct
-    from .video_io import read_video, write_video
+    from .fit import CHECKPOINT_NAME, fit_atlas, read_masks
+    from .video_io import read_video
 
     out = out or Path(f"atlas_{video.stem or 'video'}")
     try:
@@ -112,7 +105,7 @@ def atlas(
     )
     source = {"video": str(video), "masks": str(masks) if masks else None, "fps": fps}
     try:
-        result, stats = fit_atlas(
+        fitted = fit_atlas(
             video_frames,
             mask_tensor,
             cfg,
@@ -125,15 +118,10 @@ def atlas(
         raise fail(str(exc)) from None
 
     try:
-        result.save(out / "atlas.safetensors")
-        write_video(out / "reconstruction.mp4", reconstruct(result), fps)
-        write_video(out / "alpha.mp4", result.alpha[:, None].expand(-1, 3, -1, -1), fps)
-        save_png(result.background_atlas, out / "background_atlas.png")
-        save_png(result.foreground_atlas, out / "foreground_atlas.png")
-        with atomic_path(out / "fit_stats.json") as tmp:
-            tmp.write_text(json.dumps({"source": source, "size": list(wh), **stats.to_json()}, indent=1))
+        fitted.save(out, fps, info={"source": source, "size": list(wh)})
     except KeyboardInterrupt:
         raise fail("interrupted while writing; files already written are whole", 130) from None
+    stats = fitted.stats
     typer.echo(
         f"reconstruction PSNR {stats.psnr:.2f} dB after {stats.iterations} iterations "
         f"({stats.fit_seconds:.0f} s fitting, {stats.flow_seconds:.0f} s flow)"

@@ -9,6 +9,7 @@ two-layer model and NLA's losses. The result is an :class:`~t2l_fast.models.atla
 from .fit import (
     CHECKPOINT_NAME,
     FitConfig,
+    FitResult,
     FitStats,
     check_inputs,
     fit_atlas,
@@ -21,6 +22,7 @@ from .masks import read_masks
 __all__ = [
     "CHECKPOINT_NAME",
     "FitConfig",
+    "FitResult",
     "FitStats",
     "FlowField",
     "chain_similarities",

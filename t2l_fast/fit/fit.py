@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +195,7 @@ class _Data:
     """The video on the device in the layouts a step gathers from."""
 
     def __init__(self, frames: torch.Tensor, masks: torch.Tensor | None, flow: FlowField, device) -> None:
+        self.device = torch.device(device)
         self.frames = _as_float(frames).to(device).permute(0, 2, 3, 1).contiguous()  # (T, H, W, 3)
         self.t, self.h, self.w = self.frames.shape[:3]
         self.masks = None if masks is None else (masks > 0.5).float().to(device)  # (T, H, W)
@@ -384,6 +386,40 @@ def _load_state(path: Path, fingerprint: str) -> dict | None:
     return state
 
 
+class FitResult(NamedTuple):
+    """What :func:`fit_atlas` returns: the atlas and the fit's statistics (unpacks as a pair)."""
+
+    atlas: AtlasData
+    stats: FitStats
+
+    OUTPUTS = (
+        "atlas.safetensors",
+        "reconstruction.mp4",
+        "alpha.mp4",
+        "background_atlas.png",
+        "foreground_atlas.png",
+        "fit_stats.json",
+    )
+
+    def save(self, out_dir: str | os.PathLike, fps: float, info: dict | None = None) -> list[Path]:
+        """Write :attr:`OUTPUTS` into ``out_dir``, each whole: the atlas (what ``--atlas`` takes), the
+        reconstruction and alpha videos at ``fps``, the atlas images, and the statistics (with ``info``)."""
+        from t2l_fast.io import save_png
+        from t2l_fast.video_io import write_video
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atlas = self.atlas
+        self.atlas.save(out / "atlas.safetensors")
+        write_video(out / "reconstruction.mp4", reconstruct(atlas), fps)
+        write_video(out / "alpha.mp4", atlas.alpha[:, None].expand(-1, 3, -1, -1), fps)
+        save_png(atlas.background_atlas, out / "background_atlas.png")
+        save_png(atlas.foreground_atlas, out / "foreground_atlas.png")
+        with atomic_path(out / "fit_stats.json") as tmp:
+            tmp.write_text(json.dumps({**(info or {}), **self.stats.to_json()}, indent=1))
+        return [out / name for name in self.OUTPUTS]
+
+
 def fit_atlas(
     frames: torch.Tensor,
     masks: torch.Tensor | None = None,
@@ -395,7 +431,7 @@ def fit_atlas(
     flow: FlowField | None = None,
     on_step: Callable[[int, float], None] | None = None,
     meta: dict | None = None,
-) -> tuple[AtlasData, FitStats]:
+) -> FitResult:
     """Fit a layered neural atlas (background + one foreground, or background only) to a video.
 
     Args:
@@ -412,9 +448,9 @@ def fit_atlas(
         on_step: called as ``on_step(iteration_done, batch_psnr)`` after every step.
         meta: extra JSON-serialisable information stored in the atlas's ``meta``.
     Returns:
-        (atlas, stats): the exported :class:`AtlasData` on ``device`` and :class:`FitStats`. On Ctrl-C the
-        state is saved, and the atlas of the iterations done so far is returned with
-        ``stats.interrupted = True``.
+        :class:`FitResult` (atlas, stats): the exported :class:`AtlasData` on ``device`` and
+        :class:`FitStats`. On Ctrl-C the state is saved, and the atlas of the iterations done so far is
+        returned with ``stats.interrupted = True``.
     Raises:
         InputError: fewer than 3 frames, masks of the wrong count/size, masks empty in every frame, an
             unusable checkpoint in ``resume_dir``, CUDA asked for but absent.
@@ -422,19 +458,49 @@ def fit_atlas(
     cfg = config or FitConfig()
     check_inputs(frames, masks)
     dev = resolve_device(device)
-    t_, _, h, w = frames.shape
     has_fg = masks is not None
-    grid = cfg.grid or default_grid(h, w)
+    grid = cfg.grid or default_grid(*frames.shape[-2:])
     stats = FitStats(has_foreground=has_fg, grid=grid, device=str(dev))
     ckpt_path = Path(resume_dir) / CHECKPOINT_NAME if resume_dir is not None else None
     fingerprint = _fingerprint(frames, masks, cfg)
-    state = _load_state(ckpt_path, fingerprint) if ckpt_path is not None else None
-
+    state = _load_state(ckpt_path, fingerprint) if ckpt_path is not None else None  # before heavy work
     if flow is None:
         flow = compute_flow(_as_uint8(frames), cfg.flow_preset)
     stats.flow_seconds, stats.flow_consistent = flow.seconds, flow.consistent_fraction
 
-    # initial mappings: chained similarities of the background (outside the grown masks) and the object
+    model = _initialise(frames, masks, flow, cfg, dev)
+    opt = torch.optim.Adam(_param_groups(model, cfg), betas=(0.9, 0.99), eps=1e-15)
+    start = _resume(model, opt, state, stats, cfg.seed)
+    it = _train(
+        model,
+        opt,
+        _Data(frames, masks, flow, dev),
+        cfg,
+        stats,
+        start,
+        progress,
+        on_step,
+        lambda i: _save_state(ckpt_path, model, opt, i, fingerprint, stats) if ckpt_path else None,
+    )
+    if ckpt_path is not None:
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C must not lose the state
+            Path(resume_dir).mkdir(parents=True, exist_ok=True)
+            _save_state(ckpt_path, model, opt, it, fingerprint, stats)
+    atlas = _export(model, frames, grid, stats, meta)
+    log.info(
+        "atlas fit: %d iterations (%d this run) in %.1f s, reconstruction PSNR %.2f dB",
+        it,
+        it - start,
+        stats.fit_seconds,
+        stats.psnr,
+    )
+    return FitResult(atlas, stats)
+
+
+def _initialise(frames, masks, flow: FlowField, cfg: FitConfig, dev: torch.device) -> LayeredGridModel:
+    """The model, its mappings initialised from chained flow similarities of the background (outside
+    the grown masks) and of the object, its alpha from the masks."""
+    t_, _, h, w = frames.shape
     masks_b = None if masks is None else masks.cpu() > 0.5
     half = max(h, w) / 2.0
     region_bg = None
@@ -442,23 +508,27 @@ def fit_atlas(
         grown = F.max_pool2d(masks_b.float()[:, None], kernel_size=15, stride=1, padding=7)[:, 0] > 0
         region_bg = ~grown[:-1]
     transforms = {"background": chain_similarities(flow, region_bg, half, seed=cfg.seed)}
-    if has_fg:
+    if masks_b is not None:
         transforms["foreground"] = chain_similarities(flow, masks_b[:-1], half, seed=cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = LayeredGridModel(
+        return LayeredGridModel(
             t_,
             h,
             w,
             transforms,
-            with_foreground=has_fg,
+            with_foreground=masks_b is not None,
             residual_cells=cfg.residual_cells,
             alpha_cells=cfg.alpha_cells,
             texture_levels=cfg.texture_levels,
             init_alpha=None if masks_b is None else masks_b.float(),
             max_scale=cfg.max_scale,
         ).to(dev)
-    opt = torch.optim.Adam(_param_groups(model, cfg), betas=(0.9, 0.99), eps=1e-15)
+
+
+def _resume(model, opt, state: dict | None, stats: FitStats, seed: int) -> int:
+    """Load the saved ``state`` of an earlier run of the same fit when there is one: -> the iteration
+    to start from (0 for a new fit, whose random state is then seeded)."""
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -467,13 +537,20 @@ def fit_atlas(
         stats.history = [tuple(hh) for hh in state.get("history", [])]
         if "rng" in state:
             torch.set_rng_state(state["rng"])
-        log.info("resuming the fit from iteration %d (%s)", start, ckpt_path)
+        log.info("resuming the fit from iteration %d", start)
     else:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
     stats.start_iteration = start
-    total = max(cfg.iterations, start)
+    return start
 
-    data = _Data(frames, masks, flow, dev)
+
+def _train(
+    model, opt, data: _Data, cfg: FitConfig, stats: FitStats, start: int, progress: bool, on_step, checkpoint
+) -> int:
+    """The optimisation from ``start`` to ``cfg.iterations``; Ctrl-C ends it early. Fills the timing
+    and PSNR fields of ``stats``; -> the iterations done in all."""
+    dev = data.device
+    total = max(cfg.iterations, start)
     batch = cfg.batch or (65536 if dev.type == "cuda" else 8192)
     step_fn = _step_losses
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and dev.type == "cuda")
@@ -528,8 +605,8 @@ def fit_atlas(
                     on_step(it, psnr)
             if bar is not None:
                 bar.update(1)
-            if ckpt_path is not None and cfg.save_every > 0 and it % cfg.save_every == 0 and it < total:
-                _save_state(ckpt_path, model, opt, it, fingerprint, stats)
+            if cfg.save_every > 0 and it % cfg.save_every == 0 and it < total:
+                checkpoint(it)
     except KeyboardInterrupt:
         stats.interrupted = True
         log.warning("interrupted at iteration %d of %d", it, total)
@@ -541,11 +618,12 @@ def fit_atlas(
     stats.fit_seconds = time.perf_counter() - run_start
     stats.iterations = it
     stats.train_psnr = _psnr(mse_avg) if mse_avg is not None else float("nan")
-    if ckpt_path is not None:
-        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C must not lose the state
-            Path(resume_dir).mkdir(parents=True, exist_ok=True)
-            _save_state(ckpt_path, model, opt, it, fingerprint, stats)
+    return it
 
+
+def _export(model, frames: torch.Tensor, grid: int, stats: FitStats, meta: dict | None) -> AtlasData:
+    """The fitted model as an :class:`AtlasData` (with its reconstruction PSNR and metadata)."""
+    t_, _, h, w = frames.shape
     t0 = time.perf_counter()
     model.eval()
     atlas = model.export(grid)
@@ -554,17 +632,10 @@ def fit_atlas(
     atlas.meta = {
         "trained_frames": t_,
         "frame_size": [w, h],
-        "has_foreground": has_fg,
-        "iterations": it,
+        "has_foreground": stats.has_foreground,
+        "iterations": stats.iterations,
         "psnr": round(stats.psnr, 3),
         "fitter": "t2l_fast.fit",
         **(meta or {}),
     }
-    log.info(
-        "atlas fit: %d iterations (%d this run) in %.1f s, reconstruction PSNR %.2f dB",
-        it,
-        it - start,
-        stats.fit_seconds,
-        stats.psnr,
-    )
-    return atlas, stats
+    return atlas
