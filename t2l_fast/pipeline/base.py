@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from ..config import Config, preset
 from ..device import resolve_device
-from ..io import atomic_path
+from ..io import atomic_path, save_text
 from ..losses import Objective
 from ..models.clip import Clip, load_clip
 from .engine import Engine
@@ -25,6 +25,20 @@ def save_generator(path: str | os.PathLike, state: dict[str, torch.Tensor], cfg:
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     return Path(path)
+
+
+def generator_state(generator: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the generator's weights (what a result keeps and saves)."""
+    return {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+
+
+def save_run(out: Path, cfg: Config, state: dict[str, torch.Tensor], steps: int, **meta: str) -> list[Path]:
+    """The tail every result's ``save`` shares: ``config.yaml`` (re-runnable) and
+    ``generator.safetensors`` (with ``steps`` and ``meta`` in its metadata), each written whole."""
+    return [
+        save_text(cfg.to_yaml(), out / "config.yaml"),
+        save_generator(out / "generator.safetensors", state, cfg, steps=str(steps), **meta),
+    ]
 
 
 class Editor:

@@ -22,13 +22,12 @@ from ..io import (
     check_output_dir,
     fit_size,
     save_png,
-    save_text,
     to_image_tensor,
 )
 from ..kernels import composite_rgba
 from ..losses import Layers
 from ..models.generator import Generator, min_side
-from .base import Editor, save_generator
+from .base import Editor, generator_state, save_run
 from .engine import Engine, optimise
 
 log = logging.getLogger(__name__)
@@ -70,18 +69,9 @@ class EditResult:
             save_png(self.edit_layer, out / "edit_layer.png"),
             save_png(self.alpha, out / "alpha.png"),
             save_png(self.greenscreen, out / "greenscreen.png"),
-            save_text(self.config.to_yaml(), out / "config.yaml"),
         ]
-        paths.append(
-            save_generator(
-                out / "generator.safetensors",
-                self.generator_state,
-                self.config,
-                image_size=json.dumps(list(self.source.shape[-2:])),
-                steps=str(self.steps_done),
-            )
-        )
-        return paths
+        size = json.dumps(list(self.source.shape[-2:]))
+        return paths + save_run(out, self.config, self.generator_state, self.steps_done, image_size=size)
 
 
 class ImageEditor(Editor):
@@ -185,7 +175,7 @@ class ImageEditor(Editor):
 
     def _result(self, cfg, generator, source, history, interrupted, is_test) -> EditResult:
         composite, rgba, greenscreen = self.render(generator, source)
-        state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+        state = generator_state(generator)
         return EditResult(
             source=source[0].cpu(),
             composite=composite[0].cpu(),

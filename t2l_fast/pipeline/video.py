@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 from ..augment import ColourParams, apply_colour
 from ..config import Config
-from ..io import InputError, check_output_dir, save_png, save_text
+from ..io import InputError, check_output_dir, save_png
 from ..kernels import composite_rgba, sample_atlas
 from ..losses import Layers
 from ..models.atlas import AtlasData, load_nla_checkpoint, precompute_atlas
 from ..models.generator import Generator
 from ..video_io import read_video, write_frames, write_video
-from .base import Editor, save_generator
+from .base import Editor, generator_state, save_run
 from .crops import CropSampler
 from .engine import optimise
 from .image import StepCallback
@@ -98,17 +98,8 @@ class VideoEditResult:
             write_video(out / "greenscreen.mp4", self.greenscreen, self.fps),
             save_png(self.atlas_edit, out / "atlas_edit.png"),
             save_png(self.atlas_composite, out / "atlas_composite.png"),
-            save_text(self.config.to_yaml(), out / "config.yaml"),
         ]
-        paths.append(
-            save_generator(
-                out / "generator.safetensors",
-                self.generator_state,
-                self.config,
-                layer=self.layer,
-                steps=str(self.steps_done),
-            )
-        )
+        paths += save_run(out, self.config, self.generator_state, self.steps_done, layer=self.layer)
         if self.config.video.write_frames:
             paths += write_frames(out / "frames", self.composite)
         return paths
@@ -309,7 +300,7 @@ class VideoEditor(Editor):
             frames = inputs.frames[sl].to(self.device)
             out = sample_atlas(rgba[0], grid, frames, sampler.opacity[sl])
             composite[sl], greenscreen[sl] = out.composite.float().cpu(), out.greenscreen.float().cpu()
-        state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+        state = generator_state(generator)
         return VideoEditResult(
             frames=inputs.frames,
             composite=composite.clamp(0, 1),
