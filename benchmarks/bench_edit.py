@@ -69,6 +69,18 @@ def random_vit_b32(device: torch.device) -> Clip:
     return Clip(model, open_clip.get_tokenizer("ViT-B-32"), "ViT-B-32 (random weights)").to(device)
 
 
+def device_and_clip(smoke: bool, name: str) -> tuple[torch.device, Clip] | None:
+    """The CPU and the tiny CLIP for ``--smoke``; the GPU and a random ViT-B/32 otherwise; None (and
+    one line saying so) when there is no GPU to measure."""
+    if smoke:
+        return torch.device("cpu"), build_test_tiny()
+    if not torch.cuda.is_available():
+        print(f"{name}: no CUDA GPU here, nothing measured (use --smoke for a CPU check of the code)")
+        return None
+    device = torch.device("cuda")
+    return device, random_vit_b32(device)
+
+
 def synthetic_image(size: int) -> torch.Tensor:
     """A smooth 3:2 test image (content does not change speed)."""
     h, w = size, size * 3 // 2
@@ -334,16 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache_dir:
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.cache_dir)
-    if args.smoke:
-        device = torch.device("cpu")
-        args.steps, args.warmup, args.size, args.block = 2, 1, 160, 1
-        clip = build_test_tiny()
-    elif not torch.cuda.is_available():
-        print("bench_edit: no CUDA GPU here, nothing measured (use --smoke for a CPU check of the code)")
+    chosen = device_and_clip(args.smoke, "bench_edit")
+    if chosen is None:
         return 0
-    else:
-        device = torch.device("cuda")
-        clip = random_vit_b32(device)
+    device, clip = chosen
+    if args.smoke:
+        args.steps, args.warmup, args.size, args.block = 2, 1, 160, 1
     if args.steps < 1 or args.warmup < 1 or args.block < 1:
         parser.error("--steps, --warmup and --block must be >= 1")
     cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", Path.home() / ".cache" / "t2l_fast" / "inductor"))

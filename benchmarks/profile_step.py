@@ -32,10 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_edit import edit_once, make_config, make_input, random_vit_b32  # noqa: E402
+from bench_edit import device_and_clip, edit_once, make_config, make_input  # noqa: E402
 from common import metadata  # noqa: E402
-
-from t2l_fast.models.clip import build_test_tiny  # noqa: E402
 
 LAUNCH_CALLS = (
     "cudaLaunchKernel",
@@ -156,15 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="two tiny CPU steps (checks this code)")
     args = parser.parse_args(argv)
-    if args.smoke:
-        device, clip = torch.device("cpu"), build_test_tiny()
-        args.size, args.warmup, args.steps = 160, 1, 2
-    elif not torch.cuda.is_available():
-        print("profile_step: no CUDA GPU here, nothing measured (use --smoke for a CPU check of the code)")
+    chosen = device_and_clip(args.smoke, "profile_step")
+    if chosen is None:
         return 0
-    else:
-        device = torch.device("cuda")
-        clip = random_vit_b32(device)
+    device, clip = chosen
+    if args.smoke:
+        args.size, args.warmup, args.steps = 160, 1, 2
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     cfg = make_config(args.mode, args.warmup + args.steps, args.size, args.smoke, args.preset)
     inputs = make_input(args.preset, args.size, args.smoke)

@@ -221,25 +221,10 @@ def test_batch_gives_the_same_edits_as_separate_edit_runs(tmp_path, photos):
     result = runner.invoke(cli.app, args)  # as `t2l-fast batch`
     assert result.exit_code == 0, result.output
     assert "3 done" in result.output
+    cat = [photos / "cat.png", "--prompt", "golden cat", "--roi-prompt", "cat", "--seed"]
     separate = {
-        "cat-golden-cat-s0": [
-            photos / "cat.png",
-            "--prompt",
-            "golden cat",
-            "--roi-prompt",
-            "cat",
-            "--seed",
-            "0",
-        ],
-        "cat-golden-cat-s5": [
-            photos / "cat.png",
-            "--prompt",
-            "golden cat",
-            "--roi-prompt",
-            "cat",
-            "--seed",
-            "5",
-        ],
+        "cat-golden-cat-s0": [*cat, "0"],
+        "cat-golden-cat-s5": [*cat, "5"],
         "dog": [photos / "dog.png", "--prompt", "ice dog"],
     }
     for name, args in separate.items():
