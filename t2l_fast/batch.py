@@ -670,22 +670,19 @@ class _Worker:
             from .pipeline.video import VideoEditor
 
             editor = VideoEditor(job.config, device=self.device, clip=self.clip)
-            cfg, inputs = editor.prepare(job.input)
-            editor.config = cfg
-            return editor.train(cfg, inputs, on_step=on_step)
+            return editor.train(editor.prepare(job.input), on_step=on_step)
         from .pipeline.image import ImageEditor
 
         editor = ImageEditor(job.config, device=self.device, clip=self.clip)
-        cfg, source, notes = editor.prepare(job.input)
-        for note in notes:
+        run = editor.prepare(job.input)
+        for note in run.notes:
             log.info("%s: %s", job.input, note)
-        editor.config = cfg
 
         def preview(step: int, composite) -> None:
             (stage / "previews").mkdir(parents=True, exist_ok=True)
             save_png(composite, stage / "previews" / f"step_{step + 1:05d}.png")
 
-        return editor.train(cfg, source, on_step=on_step, on_preview=preview if cfg.preview_every else None)
+        return editor.train(run, on_step=on_step, on_preview=preview if run.config.preview_every else None)
 
 
 def _finite(result) -> bool:

@@ -173,14 +173,13 @@ def _edit_image(image: Path, cfg: Config, device: str, out: Path) -> None:
     from .pipeline.image import ImageEditor
 
     editor = ImageEditor(cfg, device=device)
-    cfg, source, notes = editor.prepare(image)
-    for note in notes:
+    run = editor.prepare(image)
+    for note in run.notes:
         typer.echo(f"note: {image}: {note}", err=True)
     if cfg.clip == "test-tiny":
         typer.echo(NOT_A_REAL_EDIT, err=True)
-    editor.config = cfg
-    _ = editor.clip  # load now: weight errors surface before training
-    h, w = source.shape[-2:]
+    editor.load_clip(run)  # load now: weight errors surface before training
+    cfg, (h, w) = run.config, run.source.shape[-2:]
     typer.echo(f"editing {image} ({w}x{h}) for {cfg.optim.steps} steps on {editor.device}", err=True)
 
     def preview(step: int, composite) -> None:
@@ -188,7 +187,7 @@ def _edit_image(image: Path, cfg: Config, device: str, out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_png(composite, folder / f"step_{step + 1:05d}.png")
 
-    result = editor.train(cfg, source, on_preview=preview if cfg.preview_every else None, progress=True)
+    result = editor.train(run, on_preview=preview if cfg.preview_every else None, progress=True)
     _finish(result, out)
 
 
@@ -196,18 +195,17 @@ def _edit_video(video: Path, cfg: Config, device: str, out: Path) -> None:
     from .pipeline.video import VideoEditor
 
     editor = VideoEditor(cfg, device=device)
-    cfg, inputs = editor.prepare(video)
+    run = editor.prepare(video)
     if cfg.clip == "test-tiny":
         typer.echo(NOT_A_REAL_EDIT, err=True)
-    editor.config = cfg
-    _ = editor.clip
-    t, _, h, w = inputs.frames.shape
+    editor.load_clip(run)
+    t, _, h, w = run.frames.shape
     typer.echo(
         f"editing the {cfg.video.layer} of {video} ({t} frames, {w}x{h}) for {cfg.optim.steps} steps "
         f"on {editor.device}",
         err=True,
     )
-    result = editor.train(cfg, inputs, progress=True)
+    result = editor.train(run, progress=True)
     _finish(result, out)
 
 

@@ -401,8 +401,8 @@ class App:
         (composite and edit layer) every ``cfg.preview_every`` steps, then the outputs and the zip."""
         path = check_image_file(image_path, self.limits)
         editor = _PreviewingImageEditor(cfg, device=self.device, clip=self.clip)
-        cfg, source, notes = editor.prepare(path)  # InputError (too small, ...) before the thread
-        h, w = source.shape[-2:]
+        run = editor.prepare(path)  # InputError (too small, ...) before the thread
+        cfg, notes, (h, w) = run.config, run.notes, run.source.shape[-2:]
         what = f"editing {w}x{h}"
         progress = Progress(cfg.optim.steps, what)
         yield {"status": progress.status() + "".join(f"\n\nnote: {n}" for n in notes)}
@@ -413,7 +413,7 @@ class App:
             def on_preview(step, composite):
                 emit("preview", (step, composite, editor.last_rgba))
 
-            result = editor.train(cfg, source, on_step=on_step, on_preview=on_preview)
+            result = editor.train(run, on_step=on_step, on_preview=on_preview)
             out = self._job_dir("image")
             result.save(out)
             return result, out, zip_folder(out)
@@ -588,13 +588,13 @@ class App:
         if frames:
             cfg.video.frames = int(frames)
         editor = VideoEditor(cfg, device=self.device, clip=self.clip)
-        cfg, inputs = editor.prepare(source, atlas=atlas)
-        t, _, h, w = inputs.frames.shape
+        run = editor.prepare(source, atlas=atlas)
+        cfg, (t, _, h, w) = run.config, run.frames.shape
         progress = Progress(cfg.optim.steps, f"editing the {cfg.video.layer} of {t} frames of {w}x{h}")
         yield {"status": progress.status()}
 
         def work(emit, check):
-            result = editor.train(cfg, inputs, on_step=_step_reporter(cfg, emit, check))
+            result = editor.train(run, on_step=_step_reporter(cfg, emit, check))
             out_dir = out / "edit"
             result.save(out_dir)
             return result, out_dir, zip_folder(out_dir)

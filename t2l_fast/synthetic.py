@@ -1,10 +1,16 @@
-"""Synthetic inputs with known ground truth, for tests, benchmarks and demos (not for real edits)."""
+"""Synthetic inputs with known ground truth: the scenes of tests and benchmarks (not for real edits),
+and the sample clip with masks that ships in t2l_fast/samples/clip."""
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from t2l_fast.models.atlas import AtlasData, TexelBox
 
@@ -62,3 +68,73 @@ def two_layer_scene(
     fg = texture(fu, fv, 1.0).permute(1, 0, 2, 3)
     a = alpha[:, None]
     return data, a * fg + (1 - a) * bg
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sample clip (t2l_fast/samples/clip): a short video with exact object masks, from the two CC0
+# sample photographs. The camera pans across the cat (background) while the cup and saucer slide in
+# front of it (foreground); the mask is the object's shape, so frames and masks agree by construction.
+# ---------------------------------------------------------------------------------------------------
+SAMPLES = Path(__file__).resolve().parent / "samples"
+# the object in coffee.jpg (450x300) as two ellipses (centre x, centre y, radius x, radius y): saucer, cup
+CUP = ((208.0, 178.0, 150.0, 112.0), (218.0, 112.0, 92.0, 100.0))
+
+
+def _photo(name: str) -> torch.Tensor:
+    with Image.open(SAMPLES / name) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+
+
+def _sample(image: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples (3, H, W) of ``image`` at pixel positions x, y (pixel centres at integers)."""
+    h, w = image.shape[-2:]
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)[None]
+    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+def sample_clip(
+    num_frames: int = 24, size: tuple[int, int] = (768, 432)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample clip: frames (T, 3, H, W) float in [0, 1] and object masks (T, H, W) bool."""
+    width, height = size
+    cat, cup = _photo("chelsea.jpg"), _photo("coffee.jpg")
+    yy, xx = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    frames, masks = [], []
+    for t in range(num_frames):
+        s = t / max(1, num_frames - 1)
+        # background: a 16:9 window of the cat, 88 % of its width, panning left to right
+        win_w = 0.88 * cat.shape[-1]
+        scale = win_w / width
+        x0, y0 = s * (cat.shape[-1] - win_w), 0.5 * (cat.shape[-2] - height * scale) * (1 - 0.3 * s)
+        background = _sample(cat, x0 + (xx + 0.5) * scale - 0.5, y0 + (yy + 0.5) * scale - 0.5)
+        # foreground: the cup at 0.75 of its size, sliding right with a slight bob
+        zoom = 0.75
+        ox = -40 + s * (width - 260)
+        oy = height - 300 * zoom - 10 + 12 * math.sin(2 * math.pi * s)
+        cx, cy = (xx - ox) / zoom, (yy - oy) / zoom  # positions in coffee.jpg
+        mask = torch.zeros_like(xx, dtype=torch.bool)
+        for ex, ey, rx, ry in CUP:
+            mask |= ((cx - ex) / rx) ** 2 + ((cy - ey) / ry) ** 2 <= 1
+        foreground = _sample(cup, cx, cy)
+        frames.append(torch.where(mask, foreground, background))
+        masks.append(mask)
+    return torch.stack(frames).clamp(0, 1), torch.stack(masks)
+
+
+def write_sample_clip(folder: str | os.PathLike, num_frames: int = 24) -> None:
+    """Write the sample clip as ``folder/frames/NNNNN.jpg`` (quality 90) and ``folder/masks/NNNNN.png``
+    (255 = object). ``python -m t2l_fast.synthetic FOLDER`` makes t2l_fast/samples/clip."""
+    frames, masks = sample_clip(num_frames)
+    folder = Path(folder)
+    for sub in ("frames", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
+        rgb = (frame.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(rgb).save(folder / "frames" / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(folder / "masks" / f"{i:05d}.png")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    write_sample_clip(sys.argv[1])

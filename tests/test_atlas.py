@@ -359,8 +359,12 @@ def test_uv_mask_and_layers():
         # the crop is tight: the first and last rows / columns are touched
         assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
     fg, bg = data.layer("foreground"), data.layer("background")
-    assert fg.opacity is data.alpha and bg.opacity is None
-    torch.testing.assert_close(bg.grid, data.to_grid(data.uv_background, "background"))
+    # one convention: the foreground's opacity is A, the background's 1 - A (the object occludes it)
+    assert fg.opacity is data.alpha
+    torch.testing.assert_close(bg.opacity, 1 - data.alpha, rtol=0, atol=0)
+    torch.testing.assert_close(bg.grid(), data.to_grid(data.uv_background, "background"))
+    torch.testing.assert_close(fg.grid(slice(1, 3)), data.to_grid(data.uv_foreground[1:3], "foreground"))
+    torch.testing.assert_close(fg.texels, data.to_texel(data.uv_foreground, "foreground"))
     assert fg.atlas.shape[1:] == (data.foreground_box.height, data.foreground_box.width)
     with pytest.raises(ValueError, match="unknown atlas layer"):
         data.layer("middle")
@@ -417,7 +421,7 @@ def test_synthetic_panning_video_integer_pan():
     data, frames = _panning_scene(8, 24, 32, 256, (4.0, 1.0), texture_fn)
     layer = data.layer("background")
     out = F.grid_sample(
-        layer.atlas.unsqueeze(0).expand(8, -1, -1, -1), layer.grid, mode="bilinear", align_corners=False
+        layer.atlas.unsqueeze(0).expand(8, -1, -1, -1), layer.grid(), mode="bilinear", align_corners=False
     )
     torch.testing.assert_close(out, frames, atol=1e-5, rtol=0)
     torch.testing.assert_close(data.sample("background"), frames, atol=1e-5, rtol=0)

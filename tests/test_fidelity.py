@@ -20,7 +20,7 @@ from t2l_fast.io import to_image_tensor
 from t2l_fast.losses import Layers, Objective, cosine_criterion, expand_templates
 from t2l_fast.pipeline.crops import CropSampler
 from t2l_fast.pipeline.image import ImageEditor
-from t2l_fast.pipeline.video import VideoEditor, VideoInput
+from t2l_fast.pipeline.video import VideoEditor, VideoRun
 from t2l_fast.synthetic import two_layer_scene
 from tests.conftest import small_config
 
@@ -216,7 +216,7 @@ def _sampler(layer: str, bucket: int, h: int = 150, w: int = 200):
     data, frames = two_layer_scene(t=8, h=h, w=w, sprite=40)
     cfg = preset("video")
     cfg.video.layer = layer
-    return CropSampler(cfg, VideoInput(frames, 25.0, data), torch.device("cpu"), 129, bucket), data
+    return CropSampler(VideoRun(cfg, frames, 25.0, data), torch.device("cpu"), 129, bucket), data
 
 
 def test_background_windows_keep_their_cover_when_bucketed():

@@ -128,3 +128,36 @@ def test_bad_inputs_raise_before_training(tiny_clip, image):
         if torch.cuda.is_available():
             raise InputError("no CUDA (skipped: a GPU is present)")
         ImageEditor(small_config(), device="cuda", clip=tiny_clip)
+
+
+def test_prepare_returns_the_run_and_train_reads_only_it(tiny_clip, image):
+    cfg = small_config(steps=1)
+    cfg.seed = -1  # drawn per run
+    editor = ImageEditor(cfg, device="cpu", clip=tiny_clip)
+    run = editor.prepare(image, prompt="a red cat")
+    assert run.config.prompt == "a red cat" and run.config.seed >= 0
+    assert editor.config.prompt == cfg.prompt != "a red cat" and editor.config.seed == -1  # untouched
+    assert run.source.shape == (1, *image.shape)
+    run.config.optim.steps = 2  # a change to the run is what trains
+    result = editor.train(run)
+    assert result.config is run.config and result.steps_done == 2
+
+
+def test_the_editor_keeps_its_clip_per_model_and_weights(monkeypatch, tiny_clip, image):
+    from t2l_fast.pipeline import base as pipeline_base
+
+    loads = []
+    monkeypatch.setattr(
+        pipeline_base, "load_clip", lambda name, weights, device: loads.append(name) or tiny_clip
+    )
+    editor = ImageEditor(small_config(), device="cpu")
+    first = editor.prepare(image)
+    assert editor.load_clip(first) is tiny_clip and editor.load_clip(editor.prepare(image)) is tiny_clip
+    assert len(loads) == 1  # the same model and weights: loaded once
+    other = editor.prepare(image)
+    other.config.clip_weights = "other.safetensors"
+    editor.load_clip(other)
+    assert len(loads) == 2
+    given = ImageEditor(small_config(), device="cpu", clip=tiny_clip)
+    given.load_clip(other)
+    assert len(loads) == 2  # a CLIP given to the editor serves every run

@@ -92,9 +92,9 @@ def test_crop_sampler_windows_match_the_atlas(scene):
     """The atlas crop and its grid reproduce the window's frames by sampling (up to bilinear error)."""
     data, frames = scene
     cfg = small_video_config()
-    inputs = video_pipeline.VideoInput(frames, 25.0, data)
+    run = video_pipeline.VideoRun(cfg, frames, 25.0, data)
     for bucket in (1, 64):
-        sampler = CropSampler(cfg, inputs, torch.device("cpu"), 129, bucket)
+        sampler = CropSampler(run, torch.device("cpu"), 129, bucket)
         crop = sampler.draw(torch.Generator().manual_seed(1))
         assert min(crop.atlas.shape[-2:]) >= 129
         if bucket > 1:

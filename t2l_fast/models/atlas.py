@@ -356,22 +356,26 @@ class TexelBox(NamedTuple):
 
 
 class AtlasLayer(NamedTuple):
-    """What the editor needs of one layer.
+    """One layer of an atlas as an edit sees it (:meth:`AtlasData.layer`).
 
     atlas    (3, h, w)    the discretised (cropped) atlas image in [0, 1]
     uv       (T, H, W, 2) per-pixel atlas coordinates (u, v)
-    grid     (T, H, W, 2) the same positions in ``grid_sample`` convention for ``atlas`` (x then y, [-1, 1],
-                          align_corners=False)
-    opacity  (T, H, W) or None: the layer's per-pixel opacity for sampling an edit into the frames:
-             the NLA alpha for the foreground (an edit is multiplied by it), None (= 1) for the
-             background; the final video is then ``AtlasData.composite(fg, bg) = A·fg + (1 - A)·bg``.
+    texels   (T, H, W, 2) the same positions as fractional texel indices into ``atlas`` (u then v)
+    opacity  (T, H, W)    the layer's opacity in the frames: the NLA alpha A for the foreground,
+                          1 - A for the background (the object occludes it). An edit sampled into the
+                          frames is multiplied by it; the video is ``A·fg + (1 - A)·bg``.
     """
 
     name: str
     atlas: torch.Tensor
     uv: torch.Tensor
-    grid: torch.Tensor
-    opacity: torch.Tensor | None
+    texels: torch.Tensor
+    opacity: torch.Tensor
+
+    def grid(self, index: slice = slice(None)) -> torch.Tensor:
+        """``grid_sample`` coordinates into ``atlas`` of the frames ``index``: (t, H, W, 2)."""
+        h, w = self.atlas.shape[-2:]
+        return texels_to_grid(self.texels[index], (0, 0), (w, h))
 
 
 def _check_layer(name: str) -> float:
@@ -649,10 +653,10 @@ class AtlasData:
         return texel_coords(self.box(layer), layer, self.grid, self.device)
 
     def layer(self, name: str) -> AtlasLayer:
-        """Atlas image, UVs, grid_sample coordinates and opacity of ``name`` (see :class:`AtlasLayer`)."""
+        """Atlas image, UVs, texel indices and opacity of ``name`` (see :class:`AtlasLayer`)."""
         uv = self.uv(name)
-        opacity = self.alpha if name == "foreground" else None
-        return AtlasLayer(name, self.atlas_image(name), uv, self.to_grid(uv, name), opacity)
+        opacity = self.alpha if name == "foreground" else 1 - self.alpha
+        return AtlasLayer(name, self.atlas_image(name), uv, self.to_texel(uv, name), opacity)
 
     @torch.no_grad()
     def sample(

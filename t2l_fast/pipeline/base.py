@@ -1,11 +1,13 @@
-"""What the image and video editors share: construction, the CLIP they load, the objective they
-build for the engine's mode, and how a trained generator is saved."""
+"""What the image and video editors share: the prepared run they train on, the CLIP they hold, the
+objective they build for the engine's mode, the training loop's call, and the result's common fields
+and how a trained generator is saved."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,10 +15,10 @@ from safetensors.torch import save_file
 
 from ..config import Config, preset
 from ..device import resolve_device
-from ..io import atomic_path, save_text
+from ..io import atomic_path, check_output_dir, save_text
 from ..losses import Objective
 from ..models.clip import Clip, load_clip
-from .engine import Engine
+from .engine import Engine, optimise
 
 
 def save_generator(path: str | os.PathLike, state: dict[str, torch.Tensor], cfg: Config, **meta: str) -> Path:
@@ -32,20 +34,51 @@ def generator_state(generator: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
 
 
-def save_run(out: Path, cfg: Config, state: dict[str, torch.Tensor], steps: int, **meta: str) -> list[Path]:
-    """The tail every result's ``save`` shares: ``config.yaml`` (re-runnable) and
-    ``generator.safetensors`` (with ``steps`` and ``meta`` in its metadata), each written whole."""
-    return [
-        save_text(cfg.to_yaml(), out / "config.yaml"),
-        save_generator(out / "generator.safetensors", state, cfg, steps=str(steps), **meta),
-    ]
+@dataclass
+class Run:
+    """A validated edit, ready to train: what ``prepare`` returns and ``train`` reads. ``config`` is
+    the run's own copy (the call's prompts applied, the seed drawn)."""
+
+    config: Config
+
+
+@dataclass(kw_only=True)
+class Result:
+    """What every edit's result holds besides its pictures: the per-step loss records, the run's
+    config, the trained generator's weights (CPU), and how the run ended."""
+
+    losses: list[dict[str, float]]
+    config: Config
+    generator_state: dict[str, torch.Tensor] = field(repr=False)
+    steps_done: int = 0
+    interrupted: bool = False
+    is_test_model: bool = False
+
+    def save(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write the edit's files (``_save_files``), ``config.yaml`` (re-runnable) and
+        ``generator.safetensors`` (with the steps and ``_meta()`` in its metadata) into ``out_dir``,
+        each written whole (temporary file + rename)."""
+        out = check_output_dir(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = self._save_files(out)
+        paths.append(save_text(self.config.to_yaml(), out / "config.yaml"))
+        meta = {"steps": str(self.steps_done), **self._meta()}
+        paths.append(save_generator(out / "generator.safetensors", self.generator_state, self.config, **meta))
+        return paths
+
+    def _save_files(self, out: Path) -> list[Path]:
+        raise NotImplementedError
+
+    def _meta(self) -> dict[str, str]:
+        return {}
 
 
 class Editor:
-    """Base of :class:`ImageEditor` and :class:`VideoEditor`.
+    """Base of :class:`ImageEditor` and :class:`VideoEditor`: holds the device, the dtype and the
+    CLIP; each call is ``prepare`` (validates, returns a :class:`Run`) then ``train(run)``.
 
-    config: the run's settings (the ``PRESET`` by default); device: ``auto``, ``cuda`` or ``cpu``;
-    dtype: autocast dtype of generator and CLIP (None: from ``config.runtime.precision``);
+    config: the default settings of its runs (the ``PRESET`` by default); device: ``auto``, ``cuda``
+    or ``cpu``; dtype: autocast dtype of generator and CLIP (None: from ``runtime.precision``);
     clip: an already built :class:`Clip` (tests inject the tiny one), else loaded on first use.
     """
 
@@ -62,6 +95,7 @@ class Editor:
         self.device = resolve_device(device)
         self.dtype = dtype
         self._clip = clip.to(self.device) if clip is not None else None
+        self._clip_key: tuple[str, str] | None = None  # None: given, used for every run
         self.engine: Engine | None = None
 
     def _run_config(self, **prompts) -> Config:
@@ -73,18 +107,22 @@ class Editor:
                 setattr(cfg, name, value)
         return cfg
 
-    @property
-    def clip(self) -> Clip:
-        if self._clip is None:
-            self._clip = load_clip(self.config.clip, self.config.clip_weights, self.device)
+    def load_clip(self, run: Run) -> Clip:
+        """The CLIP of ``run`` (``config.clip`` and ``clip_weights``): the one given to the editor,
+        else loaded on first use and kept for the next runs that name the same model and weights.
+        Call it before ``train`` to surface weight errors early."""
+        key = (run.config.clip, str(run.config.clip_weights))
+        if self._clip is None or (self._clip_key is not None and self._clip_key != key):
+            self._clip = load_clip(run.config.clip, run.config.clip_weights, self.device)
+            self._clip_key = key
         return self._clip
 
-    def _start(self, cfg: Config) -> tuple[Clip, Engine]:
+    def _start(self, run: Run) -> tuple[Clip, Engine]:
         """The CLIP and the engine of a run; seeds torch for the generator's initialisation."""
-        clip = self.clip
-        self.engine = Engine(cfg.runtime, self.device, self.dtype)
-        clip.set_attention(cfg.runtime.attention)
-        torch.manual_seed(cfg.seed)
+        clip = self.load_clip(run)
+        self.engine = Engine(run.config.runtime, self.device, self.dtype)
+        clip.set_attention(run.config.runtime.attention)
+        torch.manual_seed(run.config.seed)
         return clip, self.engine
 
     @staticmethod
@@ -100,3 +138,21 @@ class Editor:
             encode_image=engine.compiled(clip.encode_image, dynamic=None),
             encode_tokens=engine.compiled(clip.encode_tokens, dynamic=None),
         )
+
+    @staticmethod
+    def _result_fields(cfg: Config, generator, history, interrupted: bool, is_test: bool) -> dict:
+        """The :class:`Result` fields of a finished run (the weights copied to the CPU)."""
+        return dict(
+            losses=history,
+            config=cfg,
+            generator_state=generator_state(generator),
+            steps_done=len(history),
+            interrupted=interrupted,
+            is_test_model=is_test,
+        )
+
+    def _optimise(self, run: Run, generator, objective, examples_of_step, **kwargs):
+        """The shared training loop (:func:`~t2l_fast.pipeline.engine.optimise`) with the run's
+        optimiser settings and seed: -> (loss records, interrupted)."""
+        cfg = run.config
+        return optimise(self.engine, generator, objective, examples_of_step, cfg.optim, cfg.seed, **kwargs)

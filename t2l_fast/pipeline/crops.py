@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..config import Config
 from ..models.atlas import texels_to_grid
 
 if TYPE_CHECKING:
-    from .video import VideoInput
+    from .video import VideoRun
 
 
 def foreground_boxes(alpha: torch.Tensor, threshold: float, border: int, smallest: int) -> torch.Tensor:
@@ -55,20 +54,19 @@ class CropSampler:
     full atlas by replicating its border.
     """
 
-    def __init__(self, cfg: Config, inputs: VideoInput, device: torch.device, smallest: int, bucket: int):
+    def __init__(self, run: VideoRun, device: torch.device, smallest: int, bucket: int):
+        cfg = run.config
         self.cfg, self.device, self.smallest, self.bucket = cfg, device, smallest, bucket
         self.layer = cfg.video.layer
-        data = inputs.atlas.to(device)
-        self.data = data
-        self.frames = inputs.frames.to(device)
-        alpha = data.alpha
-        self.opacity = alpha if self.layer == "foreground" else 1 - alpha  # (T, H, W)
+        self.view = run.atlas.to(device).layer(self.layer)  # atlas image, texels, opacity of the layer
+        self.opacity = self.view.opacity  # (T, H, W)
+        self.texels = self.view.texels  # (T, H, W, 2) indices into the layer's atlas image
+        frames = run.frames.to(device)
         # foreground: train on the object over black (the reference's choice)
-        self.train_frames = self.frames * alpha[:, None] if self.layer == "foreground" else self.frames
-        self.texels = data.to_texel(data.uv(self.layer), self.layer)  # (T, H, W, 2) indices into the atlas
+        self.train_frames = frames * self.opacity[:, None] if self.layer == "foreground" else frames
         # a host copy for the atlas-crop boxes: a step reads no value back from the device
         self.host_texels = self.texels.cpu()
-        self.atlas_image = data.atlas_image(self.layer).float()  # (3, h, w)
+        self.atlas_image = self.view.atlas.float()  # (3, h, w)
         # pad right/bottom (replicate) so bucketed crops always fit; texel indices are unchanged
         ha, wa = self.atlas_image.shape[-2:]
         ph = self._round_up(max(ha, smallest)) - ha
@@ -77,7 +75,7 @@ class CropSampler:
         self.region = (0, 0, ha, wa)  # (v0, u0, h, w) of the atlas the generator sees whole
         if self.layer == "foreground":
             self.boxes = foreground_boxes(
-                alpha.cpu(), cfg.video.mask_threshold, cfg.video.mask_border, smallest
+                self.opacity.cpu(), cfg.video.mask_threshold, cfg.video.mask_border, smallest
             )
             self.region = self._boxes_region(ha, wa)
         v0, u0, rh, rw = self.region

@@ -15,11 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..augment import draw_example
-from ..config import Config
 from ..io import (
     InputError,
     check_not_flat,
-    check_output_dir,
     fit_size,
     save_png,
     to_image_tensor,
@@ -27,8 +25,8 @@ from ..io import (
 from ..kernels import composite_rgba
 from ..losses import Layers
 from ..models.generator import Generator, min_side
-from .base import Editor, generator_state, save_run
-from .engine import Engine, optimise
+from .base import Editor, Result, Run
+from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -37,41 +35,40 @@ PreviewCallback = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
-class EditResult:
-    """An edit: every tensor (C, H, W) float32 in [0, 1] on the CPU."""
+class ImageRun(Run):
+    """A validated image edit: the run's config, the source (1, 3, H, W) in [0, 1] at its training
+    size, and notes on how it was read (shown to the user)."""
+
+    source: torch.Tensor
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class EditResult(Result):
+    """An edit: every tensor (C, H, W) float32 in [0, 1] on the CPU (and :class:`Result`'s fields)."""
 
     source: torch.Tensor
     composite: torch.Tensor
     edit: torch.Tensor  # colour of the edit layer
     alpha: torch.Tensor  # (1, H, W) opacity of the edit layer
     greenscreen: torch.Tensor
-    losses: list[dict[str, float]]
-    config: Config
-    generator_state: dict[str, torch.Tensor] = field(repr=False)
-    steps_done: int = 0
-    interrupted: bool = False
-    is_test_model: bool = False
 
     @property
     def edit_layer(self) -> torch.Tensor:
         """(4, H, W) RGBA edit layer."""
         return torch.cat([self.edit, self.alpha], dim=0)
 
-    def save(self, out_dir: str | os.PathLike) -> list[Path]:
-        """Write composite, edit layer, alpha, green screen, config and generator into ``out_dir``.
-
-        Every file is written whole (temporary file + rename).
-        """
-        out = check_output_dir(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [
+    def _save_files(self, out: Path) -> list[Path]:
+        """composite.png, edit_layer.png (RGBA), alpha.png, greenscreen.png."""
+        return [
             save_png(self.composite, out / "composite.png"),
             save_png(self.edit_layer, out / "edit_layer.png"),
             save_png(self.alpha, out / "alpha.png"),
             save_png(self.greenscreen, out / "greenscreen.png"),
         ]
-        size = json.dumps(list(self.source.shape[-2:]))
-        return paths + save_run(out, self.config, self.generator_state, self.steps_done, image_size=size)
+
+    def _meta(self) -> dict[str, str]:
+        return {"image_size": json.dumps(list(self.source.shape[-2:]))}
 
 
 class ImageEditor(Editor):
@@ -92,8 +89,9 @@ class ImageEditor(Editor):
         prompt: str | None = None,
         screen_prompt: str | None = None,
         roi_prompt: str | None = None,
-    ) -> tuple[Config, torch.Tensor, list[str]]:
-        """Validate everything cheap before any model loads: returns (config, source (1,3,H,W), notes)."""
+    ) -> ImageRun:
+        """Validate everything cheap before any model loads: the run's config (prompts applied, seed
+        drawn) and the source, read and sized."""
         cfg = self._run_config(prompt=prompt, screen_prompt=screen_prompt, roi_prompt=roi_prompt)
         cfg.validate()
         smallest = min_side(cfg.generator.scales)
@@ -103,7 +101,7 @@ class ImageEditor(Editor):
         source = check_not_flat(fit_size(source, cfg.data.size, smallest))
         if cfg.seed < 0:
             cfg.seed = random.randrange(2**31)
-        return cfg, source[None], notes
+        return ImageRun(cfg, source[None], notes)
 
     def __call__(
         self,
@@ -117,25 +115,24 @@ class ImageEditor(Editor):
         progress: bool = False,
     ) -> EditResult:
         """Edit ``image`` (path, PIL image or (3, H, W) tensor in [0, 1]) as the prompts say."""
-        cfg, source, notes = self.prepare(image, prompt, screen_prompt, roi_prompt)
-        for note in notes:
+        run = self.prepare(image, prompt, screen_prompt, roi_prompt)
+        for note in run.notes:
             log.info(note)
-        return self.train(cfg, source, on_step=on_step, on_preview=on_preview, progress=progress)
+        return self.train(run, on_step=on_step, on_preview=on_preview, progress=progress)
 
     def train(
         self,
-        cfg: Config,
-        source: torch.Tensor,
+        run: ImageRun,
         *,
         on_step: StepCallback | None = None,
         on_preview: PreviewCallback | None = None,
         progress: bool = False,
     ) -> EditResult:
-        """The optimisation loop on a prepared source (1, 3, H, W). Ctrl-C ends it early with the
+        """The optimisation loop on a prepared run (from ``prepare``). Ctrl-C ends it early with the
         current generator (``result.interrupted``)."""
-        device = self.device
-        clip, engine = self._start(cfg)
-        source = source.to(device)
+        device, cfg = self.device, run.config
+        clip, engine = self._start(run)
+        source = run.source.to(device)
         generator = Generator(cfg.generator).to(device)
         run_generator = engine.compiled(generator, dynamic=None)  # a few bucketed sizes
         objective = self.objective(clip, cfg, engine)
@@ -151,13 +148,11 @@ class ImageEditor(Editor):
             if on_preview and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
                 on_preview(step, self.render(generator, source)[0][0].cpu())
 
-        history, interrupted = optimise(
-            engine,
+        history, interrupted = self._optimise(
+            run,
             generator,
             objective,
             examples_of_step,
-            cfg.optim,
-            cfg.seed,
             on_step=on_step,
             after_step=after_step,
             progress=progress,
@@ -167,27 +162,20 @@ class ImageEditor(Editor):
     @torch.no_grad()
     def render(self, generator: Generator, source: torch.Tensor):
         """Run the generator on the whole source: (composite, rgba, greenscreen), batched (1, C, H, W)."""
-        engine = self.engine or Engine(self.config.runtime, self.device, self.dtype)
-        with engine.autocast():
+        with self.engine.autocast():
             rgba = generator(source).float()
         out = composite_rgba(rgba, source)
         return out.composite, rgba, out.greenscreen
 
     def _result(self, cfg, generator, source, history, interrupted, is_test) -> EditResult:
         composite, rgba, greenscreen = self.render(generator, source)
-        state = generator_state(generator)
         return EditResult(
             source=source[0].cpu(),
             composite=composite[0].cpu(),
             edit=rgba[0, :3].cpu(),
             alpha=rgba[0, 3:].cpu(),
             greenscreen=greenscreen[0].cpu(),
-            losses=history,
-            config=cfg,
-            generator_state=state,
-            steps_done=len(history),
-            interrupted=interrupted,
-            is_test_model=is_test,
+            **self._result_fields(cfg, generator, history, interrupted, is_test),
         )
 
     def apply(self, generator_path: str | os.PathLike, image) -> EditResult:
@@ -204,6 +192,7 @@ class ImageEditor(Editor):
             setattr(cfg.generator, k, v)
         source, _ = to_image_tensor(image)
         source = fit_size(source, cfg.data.size, min_side(cfg.generator.scales))[None].to(self.device)
+        self.engine = Engine(cfg.runtime, self.device, self.dtype)
         generator = Generator(cfg.generator).to(self.device)
         generator.load_state_dict(load_file(str(path)))
         return self._result(cfg, generator, source, [], False, False)

@@ -17,23 +17,21 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..augment import ColourParams, apply_colour
-from ..config import Config
-from ..io import InputError, check_output_dir, save_png
+from ..io import InputError, save_png
 from ..kernels import composite_rgba, sample_atlas
 from ..losses import Layers
 from ..models.atlas import AtlasData, load_nla_checkpoint, precompute_atlas
 from ..models.generator import Generator
 from ..video_io import read_video, write_frames, write_video
-from .base import Editor, generator_state, save_run
+from .base import Editor, Result, Run
 from .crops import CropSampler
-from .engine import optimise
 from .image import StepCallback
 
 log = logging.getLogger(__name__)
@@ -59,8 +57,9 @@ def resolve_atlas_path(path: str | os.PathLike) -> tuple[Path, str]:
 
 
 @dataclass
-class VideoInput:
-    """A validated video edit: frames (T, 3, H, W) float in [0, 1], their rate, and the atlas."""
+class VideoRun(Run):
+    """A validated video edit: the run's config, the frames (T, 3, H, W) float in [0, 1], their rate,
+    and the atlas (covering exactly these frames)."""
 
     frames: torch.Tensor
     fps: float
@@ -70,9 +69,10 @@ class VideoInput:
 # ---------------------------------------------------------------------------------------------------
 # Result
 # ---------------------------------------------------------------------------------------------------
-@dataclass
-class VideoEditResult:
-    """A video edit: frames (T, 3, H, W) float32 in [0, 1] on the CPU; the edit on the atlas."""
+@dataclass(kw_only=True)
+class VideoEditResult(Result):
+    """A video edit: frames (T, 3, H, W) float32 in [0, 1] on the CPU; the edit on the atlas (and
+    :class:`Result`'s fields)."""
 
     frames: torch.Tensor
     composite: torch.Tensor
@@ -81,28 +81,22 @@ class VideoEditResult:
     atlas_composite: torch.Tensor  # (3, h, w) the edited atlas
     fps: float
     layer: str
-    losses: list[dict[str, float]]
-    config: Config
-    generator_state: dict[str, torch.Tensor] = field(repr=False)
-    steps_done: int = 0
-    interrupted: bool = False
-    is_test_model: bool = False
 
-    def save(self, out_dir: str | os.PathLike) -> list[Path]:
-        """edited.mp4, greenscreen.mp4, atlas_edit.png (RGBA), atlas_composite.png, config.yaml,
-        generator.safetensors (and frames/ when ``video.write_frames``), each written whole."""
-        out = check_output_dir(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def _save_files(self, out: Path) -> list[Path]:
+        """edited.mp4, greenscreen.mp4, atlas_edit.png (RGBA), atlas_composite.png (and frames/ when
+        ``video.write_frames``)."""
         paths = [
             write_video(out / "edited.mp4", self.composite, self.fps),
             write_video(out / "greenscreen.mp4", self.greenscreen, self.fps),
             save_png(self.atlas_edit, out / "atlas_edit.png"),
             save_png(self.atlas_composite, out / "atlas_composite.png"),
         ]
-        paths += save_run(out, self.config, self.generator_state, self.steps_done, layer=self.layer)
         if self.config.video.write_frames:
             paths += write_frames(out / "frames", self.composite)
         return paths
+
+    def _meta(self) -> dict[str, str]:
+        return {"layer": self.layer}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,7 +123,7 @@ class VideoEditor(Editor):
         screen_prompt=None,
         roi_prompt=None,
         layer: str | None = None,
-    ) -> tuple[Config, VideoInput]:
+    ) -> VideoRun:
         """Check everything before training: prompts, video, atlas (loaded; NLA networks are
         evaluated over the whole video here), frame counts, the layer."""
         cfg = self._run_config(prompt=prompt, screen_prompt=screen_prompt, roi_prompt=roi_prompt)
@@ -193,7 +187,7 @@ class VideoEditor(Editor):
                 "the atlas' foreground is empty (no pixel has alpha >= "
                 f"{cfg.video.mask_threshold}): edit the background layer instead"
             )
-        return cfg, VideoInput(frames, float(fps), data)
+        return VideoRun(cfg, frames, float(fps), data)
 
     def __call__(
         self,
@@ -207,18 +201,19 @@ class VideoEditor(Editor):
         on_step: StepCallback | None = None,
         progress: bool = False,
     ) -> VideoEditResult:
-        cfg, inputs = self.prepare(video, atlas, prompt, screen_prompt, roi_prompt, layer)
-        return self.train(cfg, inputs, on_step=on_step, progress=progress)
+        run = self.prepare(video, atlas, prompt, screen_prompt, roi_prompt, layer)
+        return self.train(run, on_step=on_step, progress=progress)
 
     # -- training -----------------------------------------------------------------------------------
     def train(
-        self, cfg: Config, inputs: VideoInput, *, on_step: StepCallback | None = None, progress: bool = False
+        self, run: VideoRun, *, on_step: StepCallback | None = None, progress: bool = False
     ) -> VideoEditResult:
-        device = self.device
-        clip, engine = self._start(cfg)
+        """The optimisation loop on a prepared run (from ``prepare``); Ctrl-C ends it early."""
+        device, cfg = self.device, run.config
+        clip, engine = self._start(run)
         generator = Generator(cfg.generator).to(device)
         run_generator = engine.compiled(generator, dynamic=None)
-        sampler = CropSampler(cfg, inputs, device, generator.min_side, engine.bucket)
+        sampler = CropSampler(run, device, generator.min_side, engine.bucket)
         objective = self.objective(clip, cfg, engine)
         foreground = cfg.video.layer == "foreground"
 
@@ -267,22 +262,20 @@ class VideoEditor(Editor):
                 atlas_img = sampler.whole_atlas
                 yield Layers.from_rgba(generate(atlas_img), atlas_img), ("atlas",), 1 / n
 
-        history, interrupted = optimise(
-            engine,
+        history, interrupted = self._optimise(
+            run,
             generator,
             objective,
             examples_of_step,
-            cfg.optim,
-            cfg.seed,
             on_step=on_step,
             progress=progress,
             desc=f"editing {cfg.video.layer}",
         )
-        return self._render(cfg, inputs, generator, sampler, history, interrupted, clip.is_test_model)
+        return self._render(run, generator, sampler, history, interrupted, clip.is_test_model)
 
     @torch.no_grad()
     def _render(
-        self, cfg, inputs: VideoInput, generator, sampler: CropSampler, history, interrupted, is_test
+        self, run: VideoRun, generator, sampler: CropSampler, history, interrupted, is_test
     ) -> VideoEditResult:
         """The generator on the whole atlas once, sampled at every pixel's UV, over the original frames."""
         engine = self.engine
@@ -290,31 +283,21 @@ class VideoEditor(Editor):
         with engine.autocast():
             rgba = sampler.to_full(_at_least(generator, region, generator.min_side).float())
         atlas_out = composite_rgba(rgba, sampler.atlas_image[None])
-        layer = cfg.video.layer
-        data = sampler.data
-        t = data.num_frames
-        composite = torch.empty(t, 3, data.height, data.width)
+        composite = torch.empty_like(run.frames)
         greenscreen = torch.empty_like(composite)
-        for sl in data.chunks():
-            grid = data.to_grid(data.uv(layer)[sl], layer).to(self.device)
-            frames = inputs.frames[sl].to(self.device)
-            out = sample_atlas(rgba[0], grid, frames, sampler.opacity[sl])
+        for sl in run.atlas.chunks():
+            frames = run.frames[sl].to(self.device)
+            out = sample_atlas(rgba[0], sampler.view.grid(sl), frames, sampler.opacity[sl])
             composite[sl], greenscreen[sl] = out.composite.float().cpu(), out.greenscreen.float().cpu()
-        state = generator_state(generator)
         return VideoEditResult(
-            frames=inputs.frames,
+            frames=run.frames,
             composite=composite.clamp(0, 1),
             greenscreen=greenscreen.clamp(0, 1),
             atlas_edit=rgba[0].cpu(),
             atlas_composite=atlas_out.composite[0].cpu(),
-            fps=inputs.fps,
-            layer=layer,
-            losses=history,
-            config=cfg,
-            generator_state=state,
-            steps_done=len(history),
-            interrupted=interrupted,
-            is_test_model=is_test,
+            fps=run.fps,
+            layer=sampler.layer,
+            **self._result_fields(run.config, generator, history, interrupted, is_test),
         )
 
 
