@@ -244,9 +244,10 @@ def view_size(h: int, w: int, short: int = 224, max_long: int = 320) -> tuple[in
 
 def whole_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
     """(..., h, w) -> the top-left (h // patch · patch, w // patch · patch): what CLIP's strided patch
-    embedding reads (it never sees the pixels past the last whole patch)."""
+    embedding reads (it never sees the pixels past the last whole patch). Contiguous: a compiled
+    CLIP is specialised on its input's strides, and a view would recompile it."""
     h, w = images.shape[-2:]
-    return images[..., : h // patch * patch, : w // patch * patch]
+    return images[..., : h // patch * patch, : w // patch * patch].contiguous()
 
 
 @dataclass

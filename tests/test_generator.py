@@ -26,6 +26,37 @@ def test_output_shape_equals_input_small(hw):
     assert torch.isfinite(out).all()
 
 
+def _level_with_min_crops(level, x):
+    """The original's rule, written independently: crop the skip and the upsampled deep map to the
+    smaller of their sizes (centre crops)."""
+
+    def crop(t, h, w):
+        dh, dw = (t.shape[2] - h) // 2, (t.shape[3] - w) // 2
+        return t[:, :, dh : dh + h, dw : dw + w]
+
+    deep = level.down(x)
+    if level.inner is not None:
+        deep = _level_with_min_crops(level.inner, deep)
+    deep = torch.nn.functional.interpolate(deep, scale_factor=2, mode="bilinear", align_corners=False)
+    if level.skip is None:
+        return level.up(crop(deep, min(x.shape[2], deep.shape[2]), min(x.shape[3], deep.shape[3])))
+    skip = level.skip(x)
+    h, w = min(skip.shape[2], deep.shape[2]), min(skip.shape[3], deep.shape[3])
+    return level.up(torch.cat([crop(skip, h, w), crop(deep, h, w)], dim=1))
+
+
+@pytest.mark.parametrize("skip", [4, 0])
+def test_crops_follow_the_input_size_as_the_min_rule_does(skip):
+    torch.manual_seed(0)
+    g = Generator(GeneratorConfig(scales=7, channels_down=8, channels_up=8, channels_skip=skip))
+    for hw in [(129, 131), (203, 150), (257, 191), (192, 320)]:
+        x = _input(*hw)
+        logits = g.head(_level_with_min_crops(g.body, x))
+        rgb = torch.einsum("dc,bchw->bdhw", g.decorrelate, logits[:, :3])
+        expected = torch.sigmoid(torch.cat([rgb, logits[:, 3:]], dim=1))
+        torch.testing.assert_close(g(x), expected, rtol=0, atol=0)
+
+
 def test_output_shape_default_config():
     torch.manual_seed(0)
     g = Generator()

@@ -109,10 +109,11 @@ class Clip(nn.Module):
         pos = self.model.visual.positional_embedding.detach()  # (1 + g*g, D)
         g = int(round((pos.shape[0] - 1) ** 0.5))
         cls, grid = pos[:1], pos[1:]
-        if (gh, gw) != (g, g):
-            grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-            grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-            grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)
+        # no branch on the grid size (a compiled graph would specialise on it): bicubic resampling
+        # to the native g x g grid is the identity, exactly (tested)
+        grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)
         return torch.cat([cls, grid.to(cls.dtype)], dim=0).to(dtype)
 
     def _pos_embedding(self, gh: int, gw: int, dtype: torch.dtype) -> torch.Tensor:

@@ -76,11 +76,13 @@ class _Level(nn.Module):
         if self.inner is not None:
             deep = self.inner(deep)
         deep = F.interpolate(deep, scale_factor=2, mode="bilinear", align_corners=False)
-        if self.skip is None:  # crop the upsampled map to this level's size (as the skip branch does)
-            return self.up(_centre_crop(deep, min(x.shape[2], deep.shape[2]), min(x.shape[3], deep.shape[3])))
-        skip = self.skip(x)
-        h, w = min(skip.shape[2], deep.shape[2]), min(skip.shape[3], deep.shape[3])
-        return self.up(torch.cat([_centre_crop(skip, h, w), _centre_crop(deep, h, w)], dim=1))
+        # the stride-2 conv gives ceil(n / 2), so the upsampled map is never smaller than this
+        # level's input: crop it to x's size (the skip branch has that size already). Sizes taken
+        # from x alone keep a compiled graph free of min() guards.
+        deep = _centre_crop(deep, x.shape[2], x.shape[3])
+        if self.skip is None:
+            return self.up(deep)
+        return self.up(torch.cat([self.skip(x), deep], dim=1))
 
 
 def _decorrelation_matrix() -> torch.Tensor:
