@@ -336,9 +336,10 @@ class Objective:
         if weight > 0:
             boot_target = self._cached("relevancy", cache_key, lambda: self.relevancy(layers.source))
         if self.batched:
-            emb = self._embeddings(layers, draw)
-            tokens, target = self._structure_tokens(layers, cache_key)
-            return self._terms(layers, emb, draw, weight, boot_target, tokens, target)
+            seen = self._embeddings(layers, draw)
+            seen["tokens"], seen["structure_target"] = self._structure_tokens(layers, cache_key)
+            seen["relevancy"] = boot_target
+            return self._terms(layers, draw, weight, seen)
         # reference mode: one example, one loss, one CLIP call at a time
         per_example = []
         for i in range(len(layers)):
@@ -349,25 +350,27 @@ class Objective:
                 draw.dir_idx,
                 draw.screen_idx,
             )
-            emb = self._embeddings(one, mine, separate=True)
-            tokens = target = None
+            seen = self._embeddings(one, mine, separate=True)
             if lc.lambda_structure > 0:
-                target = self.structure_target(one.source)
-                tokens = self.encode_tokens(self._structure_view(one.composite))
-            boot = boot_target[i : i + 1] if boot_target is not None else None
-            per_example.append(self._terms(one, emb, mine, weight, boot, tokens, target))
+                seen["structure_target"] = self.structure_target(one.source)
+                seen["tokens"] = self.encode_tokens(self._structure_view(one.composite))
+            seen["relevancy"] = boot_target[i : i + 1] if boot_target is not None else None
+            per_example.append(self._terms(one, mine, weight, seen))
         return {k: sum(t[k] for t in per_example) / len(layers) for k in per_example[0]}
 
     def _embeddings(self, layers: Layers, draw: StepDraw, separate: bool = False) -> dict:
-        """CLIP embeddings of the views: "clip" and "dir_out" (the composite), "dir_src" (the
-        source, no gradient), "screen" (the green-screen image); None where a loss is off."""
+        """What CLIP saw of the examples, by name: the view embeddings "clip" and "dir_out" (the
+        composite), "dir_src" (the source, no gradient), "screen" (the green-screen image); the
+        caller adds "tokens" and "structure_target" (structure loss) and "relevancy" (bootstrap).
+        None where a loss is off."""
         wanted = {
             "clip": (layers.composite, draw.clip),
             "dir_out": (layers.composite, draw.direction),
             "screen": (layers.greenscreen, draw.screen),
         }
         wanted = {k: (images, p) for k, (images, p) in wanted.items() if p}
-        emb: dict[str, torch.Tensor | None] = {"clip": None, "dir_out": None, "dir_src": None, "screen": None}
+        names = ("clip", "dir_out", "dir_src", "screen", "tokens", "structure_target", "relevancy")
+        emb: dict[str, torch.Tensor | None] = dict.fromkeys(names)
         if separate:
             for name, (images, params) in wanted.items():
                 emb[name] = self.encode_image(self._views(images, params))
@@ -407,10 +410,10 @@ class Objective:
             self._cache[("structure", cache_key)] = target
         return tokens[:b], target
 
-    def _terms(
-        self, layers: Layers, emb: dict, draw: StepDraw, weight: float, boot_target, tokens, struct_target
-    ) -> dict[str, torch.Tensor]:
-        lc, texts = self.cfg.loss, self.texts
+    def _terms(self, layers: Layers, draw: StepDraw, weight: float, seen: dict) -> dict[str, torch.Tensor]:
+        """The terms and their weighted total from what CLIP saw (``seen``, see :meth:`_embeddings`)
+        and the step's draw; ``weight`` is the bootstrap term's."""
+        lc, texts, emb = self.cfg.loss, self.texts, seen
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=layers.source.device)
         if emb["clip"] is not None:
@@ -424,19 +427,20 @@ class Objective:
         if emb["screen"] is not None:
             terms["screen"] = self.criterion(emb["screen"], texts.screen[draw.screen_idx]).mean()
             total = total + lc.lambda_screen * terms["screen"]
-        if struct_target is not None:
-            terms["structure"] = self_similarity_mse(tokens, struct_target)
+        if emb["structure_target"] is not None:
+            terms["structure"] = self_similarity_mse(emb["tokens"], emb["structure_target"])
             total = total + lc.lambda_structure * terms["structure"]
         if lc.lambda_sparsity > 0:
             terms["sparsity"] = sparsity_loss(
                 layers.alpha_l1, layers.alpha_l0, lc.lambda_alpha_l1, lc.lambda_alpha_l0
             )
             total = total + lc.lambda_sparsity * terms["sparsity"]
-        if boot_target is not None:
+        if emb["relevancy"] is not None:
+            target = emb["relevancy"]
             alpha = F.interpolate(
-                layers.alpha.float(), size=boot_target.shape[-2:], mode="bilinear", align_corners=False
+                layers.alpha.float(), size=target.shape[-2:], mode="bilinear", align_corners=False
             )
-            terms["bootstrap"] = F.mse_loss(alpha[:, 0], boot_target)
+            terms["bootstrap"] = F.mse_loss(alpha[:, 0], target)
             total = total + weight * terms["bootstrap"]
         terms["loss"] = total
         return terms
