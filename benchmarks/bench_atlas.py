@@ -28,9 +28,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import metadata  # noqa: E402
 
-from t2l_fast.cli_atlas import parse_size  # noqa: E402
 from t2l_fast.fit import FitConfig, compute_flow, fit_atlas, read_masks  # noqa: E402
-from t2l_fast.video_io import read_video  # noqa: E402
+from t2l_fast.video_io import parse_size, read_video  # noqa: E402
 
 DEFAULT_VIDEO = REPO.parent / "shared" / "data" / "videos" / "car-turn"
 

@@ -47,7 +47,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_edit import synthetic_image  # noqa: E402
 from common import metadata  # noqa: E402
+
+from t2l_fast.io import save_png  # noqa: E402
 
 PROMPTS = [
     "a golden horse",
@@ -63,16 +66,6 @@ PROMPTS = [
     "a lego model",
     "a watercolour painting",
 ]
-
-
-def synthetic_image(path: Path, h: int, w: int) -> Path:
-    from PIL import Image
-
-    y = torch.linspace(0, 1, h).view(h, 1)
-    x = torch.linspace(0, 1, w).view(1, w)
-    rgb = torch.stack([x.expand(h, w), y.expand(h, w), 0.5 + 0.5 * torch.sin(12 * x * y)], dim=-1)
-    Image.fromarray((rgb * 255).round().byte().numpy()).save(path)
-    return path
 
 
 def random_vit_b32_weights(path: Path) -> Path:
@@ -113,9 +106,8 @@ def check(proc: subprocess.CompletedProcess, what: str) -> None:
 
 
 def run_all(args, work: Path) -> dict:
-    image = synthetic_image(
-        work / "input.png", *((64, 96) if args.reduced else (args.size, args.size * 3 // 2))
-    )
+    picture = synthetic_image(64 if args.reduced else args.size)  # bench_edit's 3:2 test image
+    image = save_png(picture, work / "input.png")
     model = (
         ["--clip", "test-tiny"]
         if args.reduced
@@ -141,7 +133,7 @@ def run_all(args, work: Path) -> dict:
         "jobs": args.jobs,
         "steps": args.steps,
         "settings": sets,
-        "image": list(image_size(image)),
+        "image": list(picture.shape[-2:]),
     }
 
     # 1. one batch process
@@ -197,13 +189,6 @@ def run_all(args, work: Path) -> dict:
         per_rank = {r: sum(1 for j in summary["jobs"] if j["rank"] == r) for r in range(k)}
         report["torchrun"].append({"nproc": k, "wall_s": w, "jobs_per_rank": per_rank})
     return report
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.height, img.width
 
 
 def markdown(report: dict) -> str:

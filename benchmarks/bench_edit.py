@@ -54,6 +54,7 @@ from common import device_peak_flops, metadata, quantiles  # noqa: E402
 
 from t2l_fast import ImageEditor, preset  # noqa: E402
 from t2l_fast.models.clip import Clip, build_test_tiny  # noqa: E402
+from t2l_fast.pipeline.engine import INDUCTOR_CACHE_DIR  # noqa: E402
 from t2l_fast.pipeline.video import VideoEditor  # noqa: E402
 from t2l_fast.synthetic import two_layer_scene  # noqa: E402
 
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup, args.size, args.block = 2, 1, 160, 1
     if args.steps < 1 or args.warmup < 1 or args.block < 1:
         parser.error("--steps, --warmup and --block must be >= 1")
-    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", Path.home() / ".cache" / "t2l_fast" / "inductor"))
+    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", INDUCTOR_CACHE_DIR))
     cache_state = "empty" if not cache.exists() or not any(cache.iterdir()) else "already populated"
     inputs = make_input(args.preset, args.size, args.smoke)
     editor_ready_s = time.perf_counter() - _PROCESS_T0

@@ -26,13 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_edit import device_and_clip, edit_once, make_config, make_input  # noqa: E402
+from bench_edit import _sync, device_and_clip, edit_once, input_label, make_config, make_input  # noqa: E402
 from common import metadata  # noqa: E402
 
 LAUNCH_CALLS = (
@@ -165,29 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     inputs = make_input(args.preset, args.size, args.smoke)
     state: dict = {}
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def on_step(step: int, record) -> None:
         if step == args.warmup - 1:  # warm-up done: start profiling the next steps
-            sync()
+            _sync(device)
             state["prof"] = profile(activities=activities, record_shapes=False)
             state["prof"].__enter__()
             state["t0"] = time.perf_counter()
         elif step == args.warmup + args.steps - 1:
-            sync()
+            _sync(device)
             state["wall"] = time.perf_counter() - state["t0"]
             state["prof"].__exit__(None, None, None)
 
     editor, _ = edit_once(args.preset, cfg, device, clip, inputs, on_step)
     summary = summarise(state["prof"], args.steps, state["wall"])
-    if args.preset == "image":
-        h, w = inputs.shape[-2:]
-        label = f"{h}x{w} image (short side {min(h, w)})"
-    else:
-        t, _, h, w = inputs[0].shape
-        label = f"{t}-frame {w}x{h} video"
+    label = input_label(
+        list(inputs.shape[-2:]) if args.preset == "image" else list(inputs[0].shape), args.preset
+    )
     report = {
         "meta": metadata(device),
         "preset": args.preset,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ._dispatch import ENV_VAR, KernelUnavailable, forced, use_triton
 from ._triton import FLOAT_DTYPES, acc_dtype, jit, next_pow2, on_interpreter, tl, triton
-from .composite import GREEN
+from .composite import GREEN, green_like
 
 
 class AtlasSampleOut(NamedTuple):
@@ -78,7 +78,7 @@ def sample_atlas_reference(
     s = F.grid_sample(stacked, uv.float(), mode="bilinear", padding_mode="zeros", align_corners=False)
     edit, sa, sac, wsum = s[:, :3], s[:, 3:4], s[:, 4:7], s[:, 7:8]
     opac = torch.ones_like(sa) if opacity is None else opacity.float().unsqueeze(1)
-    green = torch.tensor(GREEN, dtype=s.dtype, device=s.device).view(1, 3, 1, 1)
+    green = green_like(s)
     frames32 = frames.float()
     alpha = opac * sa
     composite = opac * sac + (wsum - alpha) * frames32
@@ -331,9 +331,10 @@ def _atlas_fwd(atlas: torch.Tensor, uv: torch.Tensor, frames: torch.Tensor, opac
 
 def _atlas_bwd(atlas, uv, frames, opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac):
     """(datlas, dframes, dopacity), each None when not needed."""
-    need_frames = need_frames and gc is not None
-    need_opac = need_opac and opacity is not None
-    if not (need_atlas or need_frames or need_opac) or all(g is None for g in (ge, gal, gc, gg)):
+    need_atlas, need_frames, need_opac = _atlas_bwd_needs(
+        opacity, ge, gal, gc, gg, need_atlas, need_frames, need_opac
+    )
+    if not (need_atlas or need_frames or need_opac):
         return None, None, None
     t, h, w, _ = uv.shape
     _, ha, wa = atlas.shape

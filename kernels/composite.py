@@ -49,11 +49,17 @@ def _check(rgba: torch.Tensor, background: torch.Tensor) -> None:
         raise ValueError(f"background must be {expected}, got {tuple(background.shape)}")
 
 
+def green_like(x: torch.Tensor) -> torch.Tensor:
+    """The green-screen colour as a (1, 3, 1, 1) tensor of x's dtype on x's device, filled there
+    (``torch.tensor(GREEN, device=...)`` would copy from the host and wait for the device)."""
+    return torch.stack([torch.full((), g, dtype=x.dtype, device=x.device) for g in GREEN]).view(1, 3, 1, 1)
+
+
 def composite_rgba_reference(rgba: torch.Tensor, background: torch.Tensor) -> CompositeOut:
     """Plain differentiable torch: the specification and the test oracle."""
     _check(rgba, background)
     colour, alpha = rgba[:, :3], rgba[:, 3:]
-    green = torch.tensor(GREEN, dtype=rgba.dtype, device=rgba.device).view(1, 3, 1, 1)
+    green = green_like(rgba)
     composite = alpha * colour + (1 - alpha) * background
     greenscreen = alpha * colour + (1 - alpha) * green
     a32 = alpha.float()
@@ -289,7 +295,7 @@ def _composite_bwd_op(rgba, background, gc, gg, g1, g0, need_rgba, need_bg):
 
 @_composite_bwd_op.register_fake
 def _composite_bwd_fake(rgba, background, gc, gg, g1, g0, need_rgba, need_bg):
-    need_bg = need_bg and gc is not None
+    need_bg = need_bg and gc is not None  # as _composite_bwd
     return (
         torch.empty_like(rgba, memory_format=torch.contiguous_format) if need_rgba else rgba.new_empty(0),
         torch.empty_like(background, memory_format=torch.contiguous_format)
@@ -307,10 +313,11 @@ def _composite_setup(ctx, inputs, output):
 def _composite_autograd(ctx, gc, gg, g1, g0):
     rgba, background = ctx.saved_tensors
     need_rgba, need_bg = ctx.needs_input_grad[:2]
-    if not (need_rgba or (need_bg and gc is not None)):
+    need_bg = need_bg and gc is not None  # the background's gradient comes through the composite only
+    if not (need_rgba or need_bg):
         return None, None
     drgba, dbg = _composite_bwd_op(rgba, background, gc, gg, g1, g0, need_rgba, need_bg)
-    return (drgba if need_rgba else None), (dbg if (need_bg and gc is not None) else None)
+    return (drgba if need_rgba else None), (dbg if need_bg else None)
 
 
 _composite_op.register_autograd(_composite_autograd, setup_context=_composite_setup)

@@ -36,6 +36,7 @@ How it runs:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -57,7 +58,9 @@ from typing import Any
 import typer
 import yaml
 
-from .config import Config
+from . import cli_common
+from .config import Config, flatten
+from .device import resolve_device
 from .io import InputError, check_output_dir, save_text
 
 log = logging.getLogger(__name__)
@@ -344,17 +347,7 @@ def _overrides(value: Any, where: str) -> dict[str, Any]:
             out[k.strip()] = v
         return out
     if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-
-        def walk(d: dict, prefix: str) -> None:
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, f"{prefix}{k}.")
-                else:
-                    flat[f"{prefix}{k}"] = v
-
-        walk(value, "")
-        return flat
+        return dict(flatten(value))
     raise InputError(f"{where}: set takes a mapping of config keys or a list of key=value")
 
 
@@ -426,7 +419,7 @@ def load_manifest(
     Raises :class:`InputError` with one line naming the file, line and key of the first problem.
     """
     from .cli import build_config, is_video_input
-    from .config import load_yaml, preset, set_value
+    from .config import apply_dict, load_yaml, preset
 
     defaults, entries, base = _read_manifest(manifest)
     default_data: dict[str, Any] = {}
@@ -477,37 +470,38 @@ def load_manifest(
                     f"{set_at}: {key} is chosen for the whole batch: pass --{key.replace('_', '-')}"
                 )
         config_file = resolve(data["config"]) if data.get("config") else None
+        # as t2l-fast edit: preset < config file < set < the job's own keys (the first three once)
+        entry_cfg = preset("video" if video else "image")
+        try:
+            entry_cfg = load_yaml(config_file, entry_cfg) if config_file is not None else entry_cfg
+        except InputError as exc:
+            raise InputError(f"{entry.at('config')}: {exc}") from None
+        try:
+            apply_dict(entry_cfg, overrides)
+        except InputError as exc:
+            raise InputError(f"{set_at}: {exc}") from None
         for prompt in prompts:
             for seed in seeds:
-                # as t2l-fast edit: preset < config file < set < the job's own keys
-                cfg = preset("video" if video else "image")
-                try:
-                    cfg = load_yaml(config_file, cfg) if config_file is not None else cfg
+                try:  # the job's own keys as t2l-fast edit's flags (the other kind's are not in data)
+                    cfg = build_config(
+                        None,
+                        [],
+                        copy.deepcopy(entry_cfg),
+                        prompt=prompt,
+                        screen_prompt=data.get("screen_prompt"),
+                        roi_prompt=data.get("roi_prompt"),
+                        seed=seed,
+                        preview_every=data.get("preview_every"),
+                        size=data.get("size"),
+                        steps=data.get("steps"),
+                        bootstrap=bool(data.get("bootstrap")),
+                        atlas=str(resolve(data["atlas"])) if data.get("atlas") else None,
+                        layer=data.get("layer") or None,
+                        frames=data.get("frames") or None,
+                        write_frames=bool(data.get("write_frames")),
+                    )
                 except InputError as exc:
-                    raise InputError(f"{entry.at('config')}: {exc}") from None
-                try:
-                    for key, value in overrides.items():
-                        set_value(cfg, key, value)
-                except InputError as exc:
-                    raise InputError(f"{set_at}: {exc}") from None
-                cfg = build_config(
-                    None,
-                    [],
-                    cfg,
-                    prompt=prompt,
-                    screen_prompt=data.get("screen_prompt"),
-                    roi_prompt=data.get("roi_prompt"),
-                    seed=seed,
-                    preview_every=data.get("preview_every"),
-                    size=data.get("size"),
-                    steps=data.get("steps"),
-                    bootstrap=bool(data.get("bootstrap")),
-                )
-                if video:
-                    cfg.video.atlas = str(resolve(data["atlas"])) if data.get("atlas") else cfg.video.atlas
-                    cfg.video.layer = data.get("layer") or cfg.video.layer
-                    cfg.video.frames = data.get("frames") or cfg.video.frames
-                    cfg.video.write_frames = bool(data.get("write_frames")) or cfg.video.write_frames
+                    raise InputError(f"{entry.at()}: {exc}") from None
                 if clip is not None:
                     cfg.clip = clip
                 cfg.clip_weights = str(clip_weights) if clip_weights is not None else None
@@ -583,7 +577,6 @@ class _Worker:
     """Runs jobs in this process: one device, CLIP loaded once (on the first job that trains)."""
 
     def __init__(self, clip_name: str, clip_weights: str | None, device, rank: int, clip=None):
-        from .device import resolve_device
 
         self.device = resolve_device(device)
         self.clip_name, self.clip_weights, self.rank = clip_name, clip_weights, rank
@@ -844,9 +837,11 @@ def run(
     start = time.perf_counter()
     out = Path(out_dir)
     check_output_dir(out)
+    clip = clip or Config.clip  # the batch's one CLIP: the editor's default model unless named
+    clip_weights = str(clip_weights) if clip_weights is not None else None
     if clip_weights is not None and not Path(clip_weights).is_file():
         raise InputError(f"--clip-weights file not found: {clip_weights}")
-    jobs = load_manifest(manifest, clip=clip or "ViT-B-32", clip_weights=clip_weights)
+    jobs = load_manifest(manifest, clip=clip, clip_weights=clip_weights)
     for job in jobs:
         if (out / job.name).exists() and not (out / job.name).is_dir():
             raise InputError(f"{job.where}: {out / job.name} exists and is not a folder: rename the job")
@@ -864,8 +859,8 @@ def run(
     bar = _Progress(len(jobs), group.rank, group.world_size, progress)
     try:
         worker = _Worker(
-            clip or "ViT-B-32",
-            str(clip_weights) if clip_weights is not None else None,
+            clip,
+            clip_weights,
             _rank_device(device, group.local_rank, group.world_size),
             group.rank,
             clip=clip_model,
@@ -923,13 +918,11 @@ def batch(
     _configure_logging(verbose, rank if world > 1 else None)
 
     def fail(message: str, code: int) -> typer.Exit:
-        if rank == 0:  # every rank finds the same problem: say it once
-            typer.echo(f"error: {message}", err=True)
-        return typer.Exit(code)
+        # every rank finds the same problem: rank 0 says it
+        return cli_common.fail(message, code) if rank == 0 else typer.Exit(code)
 
     try:
-        if device not in ("auto", "cuda", "cpu") and not device.startswith("cuda:"):
-            raise InputError(f"--device {device!r} is not one of auto, cuda, cpu")
+        resolve_device(device)  # a bad or unavailable device fails here, before the manifest is read
         summary = run(
             manifest,
             out,
@@ -944,7 +937,7 @@ def batch(
         raise fail("interrupted; finished jobs are kept and a rerun skips them", 130) from None
     if rank != 0:
         return
-    if (clip or "ViT-B-32") == "test-tiny":
+    if (clip or Config.clip) == "test-tiny":
         typer.echo(
             "NOTE: --clip test-tiny is a small random test model: the results are NOT real edits", err=True
         )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import typer
 
 from .cli_common import fail
-from .config import set_value
+from .config import parse_overrides, set_value
 from .device import resolve_device
 from .fit.fit import FitResult
 from .io import InputError, check_output_dir
@@ -20,27 +19,12 @@ NO_MASKS_NOTE = (
 OUTPUTS = FitResult.OUTPUTS  # what the command writes (FitResult.save)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'768x432' -> (768, 432); raises InputError for anything else."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not m or int(m.group(1)) < 8 or int(m.group(2)) < 8:
-        raise InputError(
-            f"--size must be WIDTHxHEIGHT with sides of at least 8 px, e.g. 768x432 (got {text!r})"
-        )
-    return int(m.group(1)), int(m.group(2))
-
-
 def build_fit_config(overrides: list[str], **flags):
     """The fit's settings: defaults, then ``--set key=value`` (through the editor's ``set_value``),
     then the explicit flags (None: not given); validated before any frame is read."""
     from .fit import FitConfig
 
-    cfg = FitConfig()
-    for item in overrides:
-        if "=" not in item:
-            raise InputError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        set_value(cfg, key.strip(), value)
+    cfg = parse_overrides(FitConfig(), overrides)
     for name, value in flags.items():
         if value is not None:
             set_value(cfg, name, value)
@@ -66,7 +50,7 @@ def atlas(
     """Fit a layered neural atlas (background + foreground) to VIDEO; writes the atlas for video edits,
     a reconstruction video, the atlas images and the fit's PSNR to OUT. Rerun to resume."""
     from .fit import CHECKPOINT_NAME, fit_atlas, read_masks
-    from .video_io import read_video
+    from .video_io import parse_size, read_video
 
     out = out or Path(f"atlas_{video.stem or 'video'}")
     try:

@@ -44,7 +44,7 @@ def serve(
             raise InputError(f"--port must be in 1..65535 (got {port})")
         if max_upload_mb < 1 or max_megapixels <= 0:
             raise InputError("--max-upload-mb and --max-megapixels must be positive")
-        resolve_device(device)  # a bad or unavailable device fails here, before anything loads
+        dev = resolve_device(device)  # a bad or unavailable device fails here, before anything loads
         if clip_weights is not None and not clip_weights.is_file():
             raise InputError(f"--clip-weights file not found: {clip_weights}")
         problem = free_port_error(host, port)
@@ -52,7 +52,6 @@ def serve(
             raise InputError(problem)
         from .models.clip import load_clip
 
-        dev = resolve_device(device)
         typer.echo(f"loading CLIP {clip} on {dev} ...", err=True)
         model = load_clip(clip, clip_weights, dev)  # once, for every request
     except InputError as exc:
@@ -71,7 +70,7 @@ def serve(
             share=False,
             quiet=True,
             prevent_thread_lock=True,
-            max_file_size=max_upload_mb * 1024 * 1024,
+            max_file_size=app.limits.max_upload_mb * 1024 * 1024,
             allowed_paths=[str(folder.resolve())],
             ssr_mode=False,
             mcp_server=False,

@@ -120,6 +120,11 @@ class RuntimeConfig:
     bucket: int = 64  # fast mode: training-example sides rounded to a multiple of this (fixed shapes)
     log_every: int = 10  # read the loss records / NaN-guard flags back to the host every N steps
 
+    @property
+    def read_every(self) -> int:
+        """``log_every``, at least 1: the steps between two read-backs."""
+        return max(1, int(self.log_every))
+
 
 @dataclass
 class Config:
@@ -394,19 +399,20 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
                 raise InputError(f"unknown config key {key!r}")
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested mapping -> (dotted key, value) pairs of its leaves."""
     items = []
     for k, v in data.items():
         path = f"{prefix}{k}"
         if isinstance(v, dict):
-            items += _flatten(v, path + ".")
+            items += flatten(v, path + ".")
         else:
             items.append((path, v))
     return items
 
 
 def apply_dict(cfg: Config, data: dict[str, Any]) -> Config:
-    for key, value in _flatten(data):
+    for key, value in flatten(data):
         set_value(cfg, key, value)
     return cfg
 
@@ -426,8 +432,9 @@ def load_yaml(path: str | Path, base: Config | None = None) -> Config:
     return apply_dict(base or preset("image"), data)
 
 
-def parse_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``key=value`` strings (``--set loss.lambda_structure=3``)."""
+def parse_overrides(cfg, overrides: list[str]):
+    """Apply ``key=value`` strings (``--set loss.lambda_structure=3``) to ``cfg`` (a :class:`Config`,
+    or another settings dataclass such as the atlas fit's) and return it."""
     for item in overrides:
         if "=" not in item:
             raise InputError(f"--set expects key=value, got {item!r}")

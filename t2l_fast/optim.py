@@ -103,7 +103,7 @@ class FusedMADGRAD(torch.optim.Optimizer):
         group = self.param_groups[0] if group is None else group
         device = next(iter(group["params"])).device
         k = self._counter(device)
-        lr = torch.pow(torch.tensor(group["gamma"], dtype=torch.float64, device=device), k) * group["lr"]
+        lr = torch.pow(float(group["gamma"]), k) * group["lr"]  # k is fp64 on the device: no host copy
         return torch.clamp_min(lr, group["min_lr"])
 
     # -- state --------------------------------------------------------------------------------------
@@ -196,9 +196,10 @@ class FusedMADGRAD(torch.optim.Optimizer):
             x0 = torch.addcdiv(p_flat, s, gss.pow(1 / 3).add_(eps), value=1)
         else:
             x0 = state("x0")
-        gss.addcmul_(g * lamb, g)
+        g_lamb = g * lamb
+        gss.addcmul_(g_lamb, g)
         rms = gss.pow(1 / 3).add_(eps)
-        s.add_(g * lamb)
+        s.add_(g_lamb)
         z = torch.addcdiv(x0, s, rms, value=-1)
         new_p = z if momentum == 0 else p_flat.mul(1 - ck).add_(z, alpha=ck)
         if decay != 0 and decouple:

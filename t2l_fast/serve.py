@@ -13,7 +13,6 @@ import itertools
 import logging
 import os
 import queue
-import re
 import shutil
 import threading
 import time
@@ -153,18 +152,6 @@ def extract_images(archive: str | os.PathLike, dest: Path, what: str, limits: Li
 def zip_folder(folder: Path) -> Path:
     """``folder`` -> ``folder.zip`` beside it (the folder's files at the archive's top level)."""
     return Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
-
-
-def _plain(value: object) -> object:
-    """2.0 -> 2 (the page's number fields give floats; integer config keys want integers)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not m or int(m.group(1)) < 8 or int(m.group(2)) < 8:
-        raise InputError(f"the fit size must be WIDTHxHEIGHT, e.g. 768x432 (got {text!r})")
-    return int(m.group(1)), int(m.group(2))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,6 +305,18 @@ class App:
             if self._cancels.get(session) is event:
                 del self._cancels[session]
 
+    def _events(self, session: str, work) -> Iterator[_Event]:
+        """The events of ``work(emit, check)`` run in a thread as ``session``'s current run (a Stop
+        cancels it); an "error" event is raised as an :class:`InputError`."""
+        cancel = self._begin(session)
+        try:
+            for event in _run_in_thread(work, cancel):
+                if event.kind == "error":
+                    raise InputError(event.payload)
+                yield event
+        finally:
+            self._end(session, cancel)
+
     def _job_dir(self, kind: str) -> Path:
         folder = self.workdir / f"{kind}-{next(self._counter):04d}-{time.strftime('%H%M%S')}"
         folder.mkdir(parents=True)
@@ -371,7 +370,7 @@ class App:
         cfg.prompt = prompt.strip()
         cfg.screen_prompt = (screen_prompt or "").strip() or None
         cfg.roi_prompt = (roi_prompt or "").strip() or None
-        overrides = [f"{key}={_plain(value)}" for key, value in (advanced or {}).items() if value is not None]
+        overrides = [f"{key}={value}" for key, value in (advanced or {}).items() if value is not None]
         lines = [line.strip() for line in (more or "").splitlines()]
         overrides += [line for line in lines if line and not line.startswith("#")]
         for line in overrides:
@@ -418,34 +417,29 @@ class App:
             result.save(out)
             return result, out, zip_folder(out)
 
-        cancel = self._begin(session)
-        try:
-            for event in _run_in_thread(work, cancel):
-                if event.kind == "step":
-                    yield progress.update(*event.payload)
-                elif event.kind == "preview":
-                    _, composite, rgba = event.payload
-                    update = {"preview": to_pil(composite)}
-                    if rgba is not None:
-                        update["preview_edit"] = checkerboard(rgba)
-                    yield update
-                elif event.kind == "error":
-                    raise InputError(event.payload)
-                else:
-                    result, out, archive = event.payload
-                    yield {
-                        "status": _finished(result, out, self.is_test_model),
-                        "losses": loss_table(list(enumerate(result.losses))),
-                        "preview": to_pil(result.composite),
-                        "preview_edit": checkerboard(result.edit_layer),
-                        "composite": str(out / "composite.png"),
-                        "edit_layer": checkerboard(result.edit_layer),
-                        "alpha": str(out / "alpha.png"),
-                        "greenscreen": str(out / "greenscreen.png"),
-                        "download": str(archive),
-                    }
-        finally:
-            self._end(session, cancel)
+        for event in self._events(session, work):
+            if event.kind == "step":
+                yield progress.update(*event.payload)
+            elif event.kind == "preview":
+                _, composite, rgba = event.payload
+                update = {"preview": to_pil(composite)}
+                if rgba is not None:
+                    update["preview_edit"] = checkerboard(rgba)
+                yield update
+            else:
+                result, out, archive = event.payload
+                edit_layer = checkerboard(result.edit_layer)
+                yield {
+                    "status": _finished(result, out, self.is_test_model),
+                    "losses": loss_table(list(enumerate(result.losses))),
+                    "preview": to_pil(result.composite),
+                    "preview_edit": edit_layer,
+                    "composite": str(out / "composite.png"),
+                    "edit_layer": edit_layer,
+                    "alpha": str(out / "alpha.png"),
+                    "greenscreen": str(out / "greenscreen.png"),
+                    "download": str(archive),
+                }
 
     # -- video tab ----------------------------------------------------------------------------------
     def video_source(self, upload: str | os.PathLike | None, dest: Path) -> Path:
@@ -474,9 +468,8 @@ class App:
     ) -> Iterator[dict[str, object]]:
         """Fit a layered atlas to the uploaded video (and masks zip); yields progress, then the atlas
         (``atlas``: the file for the edit), its reconstruction video, atlas images and PSNR."""
-        from .fit import FitConfig, fit_atlas, read_masks, reconstruct
-        from .io import save_png
-        from .video_io import read_video, write_video
+        from .fit import FitConfig, fit_atlas, read_masks
+        from .video_io import parse_size, read_video
 
         out = self._job_dir("atlas")
         source = self.video_source(video, out)
@@ -485,7 +478,7 @@ class App:
         n = int(frames) if frames else None
         if n is not None and n < 3:
             raise InputError(f"frames must be at least 3 (got {n})")
-        wh = parse_size(size)
+        wh = parse_size(size, "the fit size")
         video_frames, fps = read_video(source, max_frames=n, size=wh)
         t = video_frames.shape[0]
         if t < 3:
@@ -507,42 +500,39 @@ class App:
                 emit("step", (iteration - 1, {"psnr": psnr}))
                 check()
 
-            meta = {"source": {"video": Path(str(video)).name, "masks": bool(masks), "fps": fps}}
-            atlas, stats = fit_atlas(
-                video_frames, mask_tensor, cfg, device=self.device, progress=False, on_step=on_step, meta=meta
+            source_info = {"video": Path(str(video)).name, "masks": bool(masks), "fps": fps}
+            fitted = fit_atlas(
+                video_frames,
+                mask_tensor,
+                cfg,
+                device=self.device,
+                progress=False,
+                on_step=on_step,
+                meta={"source": source_info},
             )
-            atlas.save(out / "atlas.safetensors")
-            write_video(out / "reconstruction.mp4", reconstruct(atlas), fps)
-            save_png(atlas.background_atlas, out / "background_atlas.png")
-            save_png(atlas.foreground_atlas, out / "foreground_atlas.png")
-            return atlas, stats
+            fitted.save(out, fps, info={"source": source_info, "size": list(wh)})  # as t2l-fast atlas
+            return fitted
 
-        cancel = self._begin(session)
-        try:
-            for event in _run_in_thread(work, cancel):
-                if event.kind == "step":
-                    progress.step(*event.payload)
-                    yield {"status": progress.status() + f" (PSNR {event.payload[1]['psnr']:.1f} dB)" + note}
-                elif event.kind == "error":
-                    raise InputError(event.payload)
-                elif event.kind == "done":
-                    atlas, stats = event.payload
-                    text = (
-                        f"atlas fitted: {stats.iterations} iterations, "
-                        f"reconstruction PSNR {stats.psnr:.2f} dB"
-                        + (" (cancelled early)" if stats.interrupted else "")
-                        + ("" if mask_tensor is not None else "; background only (no masks)")
-                    )
-                    yield {
-                        "status": text,
-                        "atlas": str(out / "atlas.safetensors"),
-                        "frames": n,
-                        "reconstruction": str(out / "reconstruction.mp4"),
-                        "background_atlas": str(out / "background_atlas.png"),
-                        "foreground_atlas": str(out / "foreground_atlas.png"),
-                    }
-        finally:
-            self._end(session, cancel)
+        for event in self._events(session, work):
+            if event.kind == "step":
+                progress.step(*event.payload)
+                yield {"status": progress.status() + f" (PSNR {event.payload[1]['psnr']:.1f} dB)" + note}
+            elif event.kind == "done":
+                stats = event.payload.stats
+                text = (
+                    f"atlas fitted: {stats.iterations} iterations, "
+                    f"reconstruction PSNR {stats.psnr:.2f} dB"
+                    + (" (cancelled early)" if stats.interrupted else "")
+                    + ("" if mask_tensor is not None else "; background only (no masks)")
+                )
+                yield {
+                    "status": text,
+                    "atlas": str(out / "atlas.safetensors"),
+                    "frames": n,
+                    "reconstruction": str(out / "reconstruction.mp4"),
+                    "background_atlas": str(out / "background_atlas.png"),
+                    "foreground_atlas": str(out / "foreground_atlas.png"),
+                }
 
     def video_config(
         self,
@@ -578,6 +568,8 @@ class App:
         out = self._job_dir("video")
         source = self.video_source(video, out)
         atlas = Path(atlas)
+        cfg.video.atlas = str(atlas)
+        data = None  # loaded here only for the foreground check; prepare then takes it as it is
         if cfg.video.layer == "foreground" and atlas.suffix == ".safetensors":
             data = AtlasData.load(atlas)
             if data.meta.get("has_foreground") is False or data.foreground_is_empty(cfg.video.mask_threshold):
@@ -588,7 +580,7 @@ class App:
         if frames:
             cfg.video.frames = int(frames)
         editor = VideoEditor(cfg, device=self.device, clip=self.clip)
-        run = editor.prepare(source, atlas=atlas)
+        run = editor.prepare(source, atlas=data if data is not None else atlas)
         cfg, (t, _, h, w) = run.config, run.frames.shape
         progress = Progress(cfg.optim.steps, f"editing the {cfg.video.layer} of {t} frames of {w}x{h}")
         yield {"status": progress.status()}
@@ -599,32 +591,26 @@ class App:
             result.save(out_dir)
             return result, out_dir, zip_folder(out_dir)
 
-        cancel = self._begin(session)
-        try:
-            for event in _run_in_thread(work, cancel):
-                if event.kind == "step":
-                    yield progress.update(*event.payload)
-                elif event.kind == "error":
-                    raise InputError(event.payload)
-                elif event.kind == "done":
-                    result, out_dir, archive = event.payload
-                    yield {
-                        "status": _finished(result, out_dir, self.is_test_model),
-                        "losses": loss_table(list(enumerate(result.losses))),
-                        "edited": str(out_dir / "edited.mp4"),
-                        "greenscreen": str(out_dir / "greenscreen.mp4"),
-                        "atlas_edit": checkerboard(result.atlas_edit),
-                        "download": str(archive),
-                    }
-        finally:
-            self._end(session, cancel)
+        for event in self._events(session, work):
+            if event.kind == "step":
+                yield progress.update(*event.payload)
+            elif event.kind == "done":
+                result, out_dir, archive = event.payload
+                yield {
+                    "status": _finished(result, out_dir, self.is_test_model),
+                    "losses": loss_table(list(enumerate(result.losses))),
+                    "edited": str(out_dir / "edited.mp4"),
+                    "greenscreen": str(out_dir / "greenscreen.mp4"),
+                    "atlas_edit": checkerboard(result.atlas_edit),
+                    "download": str(archive),
+                }
 
 
 def _step_reporter(cfg: Config, emit, check):
     """The editors' ``on_step``: reports every step, with its loss record only on the steps where the
     training loop has read the records back anyway (every ``runtime.log_every`` steps: reading one
     in between would cost a device sync), then stops the run if it was cancelled."""
-    every = max(1, int(getattr(cfg.runtime, "log_every", 1)))
+    every = cfg.runtime.read_every
 
     def on_step(step: int, record) -> None:
         emit("step", (step, dict(record) if (step + 1) % every == 0 else None))

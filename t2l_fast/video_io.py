@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,6 +27,16 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi")
 FOLDER_FPS = 25.0
 #: Frame size of the reference video pipeline (width, height).
 DEFAULT_SIZE = (768, 432)
+
+
+def parse_size(text: str, name: str = "--size") -> tuple[int, int]:
+    """'768x432' -> (768, 432); anything else (or a side under 8 px) is an InputError naming ``name``."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not m or int(m.group(1)) < 8 or int(m.group(2)) < 8:
+        raise InputError(
+            f"{name} must be WIDTHxHEIGHT with sides of at least 8 px, e.g. 768x432 (got {text!r})"
+        )
+    return int(m.group(1)), int(m.group(2))
 
 
 def _resize(img: Image.Image, size: tuple[int, int] | None) -> Image.Image:

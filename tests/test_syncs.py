@@ -5,7 +5,8 @@ On a GPU a scalar read (``item``, ``tolist``, ``bool()``, ``float()``, ``int()``
 host-built data. The CPU has no such boundary, so this test draws it: a tensor made by a factory
 without a ``device`` argument (the random draws of a step, host constants), or computed only from
 such tensors, is a host tensor; every other tensor is a device tensor. Reads of device tensors are
-syncs; ``.to(device)`` of host tensors is a transfer. Both are counted during fast-mode steps.
+syncs; ``.to(device)`` of host tensors, and ``torch.tensor(data, device=...)`` of Python data, are
+transfers. Both are counted during fast-mode steps.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class SyncCounter(TorchFunctionMode):
         moves = moves and (
             func is T.cuda or "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args[1:])
         )
-        if moves:
+        # torch.tensor(python data, device=...) builds on the host and copies (and waits on CUDA)
+        made_there = func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
+        if moves or (made_there and not tensors):
             self.transfers += 1
         out = func(*args, **kwargs)
         host = False

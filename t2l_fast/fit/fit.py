@@ -410,7 +410,7 @@ class FitResult(NamedTuple):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atlas = self.atlas
-        self.atlas.save(out / "atlas.safetensors")
+        atlas.save(out / "atlas.safetensors")
         write_video(out / "reconstruction.mp4", reconstruct(atlas), fps)
         write_video(out / "alpha.mp4", atlas.alpha[:, None].expand(-1, 3, -1, -1), fps)
         save_png(atlas.background_atlas, out / "background_atlas.png")

@@ -25,6 +25,7 @@ from ..optim import FusedMADGRAD
 
 log = logging.getLogger(__name__)
 
+INDUCTOR_CACHE_DIR = Path.home() / ".cache" / "t2l_fast" / "inductor"  # compiled code kept across runs
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -49,14 +50,12 @@ class Engine:
         self.bucket = runtime.bucket if self.fast else 1
         self.attention = runtime.attention
         self.backend = runtime.compile_backend
-        self.log_every = runtime.log_every
+        self.log_every = runtime.read_every
         self.nonfinite_steps = 0  # counted at each flush (every log_every steps and at the end)
         self._consecutive_bad = 0
         self._pending: list[torch.Tensor] = []  # "applied" flags not yet read back
         if self.compile:
-            os.environ.setdefault(
-                "TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "t2l_fast" / "inductor")
-            )
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
             os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
@@ -220,7 +219,6 @@ def optimise(
     after_step=None,
     progress: bool = False,
     desc: str = "editing",
-    log_every: int | None = None,
 ) -> tuple[list[dict[str, float]], bool]:
     """The training loop both editors share.
 
@@ -233,14 +231,14 @@ def optimise(
     decides on the device.
 
     No host sync inside a step: the loss records stay on the device and are read back, with the
-    NaN-guard flags, every ``log_every`` steps (default ``engine.log_every``) and at the end.
+    NaN-guard flags, every ``engine.log_every`` steps (``runtime.log_every``) and at the end.
     ``on_step(step, record)`` is called after every step with a lazy mapping of that step's record:
     reading it costs a sync, not reading it costs nothing. Ctrl-C ends the loop early.
     Returns (per-step loss records as dicts of floats, interrupted).
     """
     from tqdm.auto import tqdm
 
-    log_every = max(1, int(log_every or engine.log_every))
+    log_every = engine.log_every
     gen = torch.Generator().manual_seed(seed)
     opt = FusedMADGRAD(
         generator.parameters(),
