@@ -1,10 +1,15 @@
 """Atlas-fit benchmark (``t2l_fast.fit.fit_atlas``): reconstruction PSNR against fitting time.
 
-    python benchmarks/bench_atlas.py [--video ../shared/data/videos/car-turn] [--device auto]
+    python benchmarks/bench_atlas.py [--video FOLDER] [--device auto]
                                      [--frames N] [--size WxH] [--iterations 500,1000,2000]
                                      [--batch B] [--threads N] [--out benchmarks/results]
 
-On a GPU (default): 70 frames at 768x432 of car-turn with its masks, one fit per iteration budget
+--video: a folder of frames, or a folder holding frames/ and masks/ (default: the shipped sample clip
+t2l_fast/samples/clip, 24 frames with masks). The figures in the README are of DAVIS's car-turn (not
+shipped): --video PATH/car-turn, a folder with frames/ and masks/ (e.g. the DAVIS 2017 480p JPEGs and
+annotations of car-turn copied into those two folders).
+
+On a GPU (default): up to 70 frames at 768x432 of the video with its masks, one fit per iteration budget
 (default 500, 1000, 2000), each from scratch: DIS flow seconds, compile seconds (excluded from the fit
 time), fit seconds, export seconds and the PSNR of the exported (discretised) atlas's reconstruction.
 On the CPU: a reduced run (default 8 frames at 192x108, budgets 100, 250, 500). Prints a table and
@@ -31,12 +36,18 @@ from common import metadata  # noqa: E402
 from t2l_fast.fit import FitConfig, compute_flow, fit_atlas, read_masks  # noqa: E402
 from t2l_fast.video_io import parse_size, read_video  # noqa: E402
 
-DEFAULT_VIDEO = REPO.parent / "shared" / "data" / "videos" / "car-turn"
+DEFAULT_VIDEO = REPO / "t2l_fast" / "samples" / "clip"  # shipped; car-turn: --video PATH/car-turn
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--video", type=Path, default=DEFAULT_VIDEO, help="folder with frames/ and masks/")
+    p.add_argument(
+        "--video",
+        type=Path,
+        default=DEFAULT_VIDEO,
+        help="folder of frames, or with frames/ and masks/ (default: the sample clip; car-turn: "
+        "--video PATH/car-turn)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--size", default=None)
@@ -45,6 +56,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch.set_num_threads)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
+    if not args.video.exists():  # one line (argparse's usage + error, exit 2), not a traceback
+        p.error(
+            f"--video {args.video} not found: give a video, a folder of frames or one with frames/, masks/"
+        )
 
     if args.device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

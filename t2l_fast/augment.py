@@ -2,7 +2,9 @@
 
 One mechanism serves both: every geometric augmentation (crop, resize, flip, affine, perspective)
 is a 3x3 homography from output to input coordinates in the [-1, 1] convention of
-``grid_sample`` (align_corners=False); a batch of views is one ``grid_sample``. Colour jitter and
+``grid_sample`` (align_corners=False); a batch of views is one ``grid_sample``. A CLIP view is a
+crop and, about it, two warps in the original's order (perspective of the flipped and affine-warped
+crop), with fill wherever either warp reaches outside (see :func:`warp`). Colour jitter and
 greyscale act per view with vectorised random factors. All random draws come from a
 ``torch.Generator`` on the CPU (same results on any device), then move to the images' device.
 
@@ -13,6 +15,7 @@ in YIQ space instead of a shift in HSV.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,6 +25,18 @@ import torch.nn.functional as F
 from .config import DataConfig, ViewConfig
 
 LUMA = (0.299, 0.587, 0.114)
+
+
+def full_precision(fn):
+    """Run ``fn`` with autocast off (CUDA and CPU): grids, colour and losses stay fp32 under the fast
+    path's bf16 autocast; only the generator and CLIP run in reduced precision."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
@@ -91,33 +106,71 @@ def perspective_matrix(shifts: torch.Tensor) -> torch.Tensor:
     return homography_from_points(moved, corners)
 
 
+def crop_cover(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w, 2) positions in a crop's [-1, 1] coordinates -> (N, 1, h, w) the share of each
+    bilinear sample that falls inside the crop resampled to ``size`` (h, w) pixels (what sampling a
+    tensor of ones with zero padding gives: 1 inside, a one-pixel ramp at the border, 0 outside).
+    Positions are fp32: the ramp is shifted out by 1/1000 px so that the border pixels' own centres
+    count as fully inside."""
+    h, w = size
+    inside = (0.501 + (1 - grid.abs()) * grid.new_tensor([w / 2, h / 2])).clamp(0, 1)
+    return (inside[..., 0] * inside[..., 1]).unsqueeze(1)
+
+
+@full_precision
 def warp(
-    images: torch.Tensor, homography: torch.Tensor, size: tuple[int, int], fill: float | None = None
+    images: torch.Tensor,
+    homography: torch.Tensor,
+    size: tuple[int, int],
+    fill: float | None = None,
+    crop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resample ``images`` (N or 1, C, H, W) through per-view homographies (N, 3, 3) to (N, C, h, w).
 
     Bilinear; outside the input the value is ``fill`` (blended by coverage, so it stays
     differentiable), or zero when ``fill`` is None.
+
+    With ``crop`` (N, 3, 3) (:func:`crop_matrix`): the original's order (crop, resized to the
+    output size, then warped about the crop). ``homography`` (N, 3, 3), or a chain (N, S, 3, 3) of
+    warps applied in turn (stage 0 first: the original's last warp), maps the output to the crop's
+    coordinates and ``crop`` maps those to the input; ``fill`` covers every point that leaves the
+    output's rectangle at any stage (each of the original's warps fills what it moves in from
+    outside), with the bilinear coverage of a ``size`` image (see :func:`crop_cover`).
     """
-    n = homography.shape[0]
+    chain = homography if homography.dim() == 4 else homography[:, None]
+    n = chain.shape[0]
     h, w = size
+    images = images.float()  # sampling positions and values in fp32 (a bf16 grid moves pixels)
     dev = images.device  # the grid is built where the images are: no host-built copy
     ys = (torch.arange(h, dtype=torch.float32, device=dev) * 2 + 1) / h - 1
     xs = (torch.arange(w, dtype=torch.float32, device=dev) * 2 + 1) / w - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, h * w, 3)
-    mapped = pts @ homography.to(dev, torch.float32).transpose(1, 2)  # (N, h*w, 3)
-    grid = (mapped[..., :2] / mapped[..., 2:]).view(n, h, w, 2)
+    cover = torch.ones((), device=dev)
+    for stage in chain.to(dev, torch.float32).unbind(1):
+        mapped = pts @ stage.transpose(1, 2)  # (N, h*w, 3)
+        grid = mapped[..., :2] / mapped[..., 2:]
+        pts = torch.cat([grid, torch.ones_like(grid[..., :1])], dim=-1)
+        if crop is not None:
+            cover = cover * crop_cover(grid.view(n, h, w, 2), size)
+    grid = grid.view(n, h, w, 2)
     if images.shape[0] == 1 and n > 1:
         images = images.expand(n, -1, -1, -1)
-    if fill is None:
-        return F.grid_sample(
+    if crop is not None:
+        c = crop.to(dev, torch.float32)  # axis-aligned: a scale and a centre per view
+        scale = torch.diagonal(c[:, :2, :2], dim1=1, dim2=2)
+        grid = grid * scale.view(n, 1, 1, 2) + c[:, :2, 2].view(n, 1, 1, 2)
+        out = F.grid_sample(
             images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
         )
+        cover = cover.to(out.dtype)
+        return out * cover + (1 - cover) * (0.0 if fill is None else fill)
+    if fill is None:
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     ones = torch.ones_like(images[:, :1])
     out = F.grid_sample(
         torch.cat([images, ones], 1),
-        grid.to(images.dtype),
+        grid,
         mode="bilinear",
         padding_mode="zeros",
         align_corners=False,
@@ -142,14 +195,32 @@ def hue_matrices(hue: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(to_yiq) @ rot @ to_yiq  # on the host
 
 
+def host_side(fn):
+    """Marks work on host tensors (the random draws) in profiles as ``t2l_fast.host``: on a GPU it
+    launches nothing (benchmarks/compile_plan.py counts device ops outside it)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function("t2l_fast.host"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@host_side
+def _packed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+
+
 def to_device(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """Host tensors -> ``device`` in ONE copy (a pinned buffer sent non-blocking on CUDA), so the
-    random parameters of a step cost one transfer and no sync. float64 arrives as float32; bool
-    and integer dtypes are kept."""
+    random parameters of a step cost one transfer and no sync. Packed as float32 on the host
+    (float64 arrives as float32, exact for integers below 2**24): floats arrive as views of the one
+    buffer; bool and integer dtypes are kept (one conversion each)."""
     device = torch.device(device)
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    flat = _packed(tensors)
     if device.type == "cuda":
         flat = flat.pin_memory()
     flat = flat.to(device, non_blocking=True)
@@ -159,8 +230,8 @@ def to_device(tensors: list[torch.Tensor], device: torch.device | str) -> list[t
         start += t.numel()
         if t.dtype == torch.bool:
             out.append(part > 0.5)
-        elif t.dtype == torch.float64:
-            out.append(part.float())
+        elif t.is_floating_point():
+            out.append(part)
         else:
             out.append(part.to(t.dtype))
     return out
@@ -210,6 +281,7 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
 
 
+@full_precision
 def apply_colour(x: torch.Tensor, p: ColourParams) -> torch.Tensor:
     """x (N, 3, H, W) in [0, 1] -> jittered (N, 3, H, W) in [0, 1]. The parameters should be on
     x's device already (see :meth:`ColourParams.to`)."""
@@ -253,9 +325,11 @@ def whole_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
 @dataclass
 class ViewParams:
     """Random parameters of the CLIP views of one or more examples (``n`` views each, in order);
-    view 0 of every example is the whole image (no crop)."""
+    view 0 of every example is the whole image (no crop). As the original: a crop first, resized
+    to the view's size, then flip, affine and perspective about the crop (fill outside the crop)."""
 
-    geometry: torch.Tensor  # (N, 3, 3) output -> input homographies
+    geometry: torch.Tensor  # (N, 2, 3, 3) output -> crop coordinates: perspective, flip + affine
+    crop: torch.Tensor  # (N, 3, 3) crop -> input coordinates (crop_matrix)
     colour: ColourParams
     size: tuple[int, int]
 
@@ -263,21 +337,23 @@ class ViewParams:
         return self.geometry.shape[0]
 
     def __getitem__(self, index: slice) -> ViewParams:
-        return ViewParams(self.geometry[index], self.colour.map(lambda t: t[index]), self.size)
+        return ViewParams(
+            self.geometry[index], self.crop[index], self.colour.map(lambda t: t[index]), self.size
+        )
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.geometry, *self.colour.tensors()]
+        return [self.geometry, self.crop, *self.colour.tensors()]
 
     @staticmethod
     def from_tensors(tensors: list[torch.Tensor], size: tuple[int, int]) -> ViewParams:
-        return ViewParams(tensors[0], ColourParams(*tensors[1:]), size)
+        return ViewParams(tensors[0], tensors[1], ColourParams(*tensors[2:]), size)
 
     def to(self, device: torch.device | str) -> ViewParams:
         return ViewParams.from_tensors(to_device(self.tensors(), device), self.size)
 
     @staticmethod
     def cat(parts: list[ViewParams]) -> ViewParams:
-        if len({p.size for p in parts}) != 1:
+        if any(p.size != parts[0].size for p in parts):  # no set: sizes may be symbolic (compiled)
             raise ValueError("views of different sizes cannot be batched")
         columns = zip(*(p.tensors() for p in parts), strict=True)
         return ViewParams.from_tensors([torch.cat(c) for c in columns], parts[0].size)
@@ -289,49 +365,68 @@ class ViewParams:
         s[0] = 1.0
         cx = (1 - s) * _uniform(n, -1, 1, gen)
         cy = (1 - s) * _uniform(n, -1, 1, gen)
-        geometry = crop_matrix(s, s, cx, cy)
-        geometry = geometry @ flip_matrix(_bernoulli(n, cfg.flip_p, gen))
+        crop = crop_matrix(s, s, cx, cy)
+        flip = flip_matrix(_bernoulli(n, cfg.flip_p, gen))
         affine_on = _bernoulli(n, cfg.affine_p, gen)
         zeros = torch.zeros(n, dtype=torch.float64)
         angle = torch.where(affine_on, _uniform(n, -cfg.degrees, cfg.degrees, gen), zeros)
         tx = torch.where(affine_on, _uniform(n, -cfg.translate, cfg.translate, gen), zeros)
         ty = torch.where(affine_on, _uniform(n, -cfg.translate, cfg.translate, gen), zeros)
-        geometry = geometry @ affine_matrix(angle, tx, ty, *size)
+        affine = flip @ affine_matrix(angle, tx, ty, *size)
         persp_on = _bernoulli(n, cfg.perspective_p, gen)
         shifts = torch.rand(n, 4, 2, generator=gen, dtype=torch.float64) * cfg.distortion
         shifts = torch.where(persp_on.view(n, 1, 1), shifts, torch.zeros_like(shifts))
-        geometry = geometry @ perspective_matrix(shifts)
+        # two stages, as the original warps twice: what the perspective moves in from outside the
+        # affine's output is filled too (one composed homography would miss it)
+        geometry = torch.stack([perspective_matrix(shifts), affine], dim=1)
         colour = ColourParams.draw(n, cfg.jitter_p, cfg.jitter, cfg.grayscale_p, gen)
-        return ViewParams(geometry, colour, size)
+        return ViewParams(geometry, crop, colour, size)
 
 
-def make_views(images: torch.Tensor, params: ViewParams, fill: float, min_cover: float) -> torch.Tensor:
+def resample_size(image_hw: tuple[int, int], view_hw: tuple[int, int], min_cover: float) -> tuple[int, int]:
+    """The size :func:`make_views` first resamples an (h, w) image to, antialiased, so that the
+    smallest crop is resampled at about 1:1 (bilinear warping alone would alias); (h, w) itself
+    (resampling to the same size is the identity, exactly) when that would not downscale."""
+    (h, w), (vh, vw) = image_hw, view_hw
+    base = (max(vh, round(vh / min_cover)), max(vw, round(vw / min_cover)))
+    return base if base[0] < h or base[1] < w else (h, w)
+
+
+@full_precision
+def make_views(
+    images: torch.Tensor,
+    params: ViewParams,
+    fill: float,
+    min_cover: float,
+    base: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B*n, 3, h, w) augmented views in [0, 1], where ``params`` holds
     n views per example in example order (CLIP normalises inside).
 
-    The images are first downscaled once, antialiased, so that the smallest crop is resampled at
-    about 1:1 (bilinear warping alone would alias).
+    The images are first resampled to ``base`` (default :func:`resample_size`; given, it is decided
+    on the host and the resampling always runs: no branch on sizes in a compiled graph).
     """
     b = images.shape[0]
     if len(params) % b:
         raise ValueError(f"{len(params)} views do not split evenly over {b} images")
-    vh, vw = params.size
     h, w = images.shape[-2:]
-    base = (max(vh, round(vh / min_cover)), max(vw, round(vw / min_cover)))
-    if base[0] < h or base[1] < w:
+    if base is None:
+        base = resample_size((h, w), params.size, min_cover)
+    if torch.compiler.is_compiling() or base != (h, w):
         images = F.interpolate(images, size=base, mode="bilinear", antialias=True, align_corners=False)
     if b > 1:
         images = images.repeat_interleave(len(params) // b, dim=0)
-    views = warp(images, params.geometry, params.size, fill=fill)
+    views = warp(images, params.geometry, params.size, fill=fill, crop=params.crop)
     # several RGB images stacked on the channels (B, 3k, H, W) share one warp; colour per image
     return torch.cat([apply_colour(v, params.colour) for v in views.split(3, dim=1)], dim=1)
 
 
+@full_precision
 def resize_view(image: torch.Tensor, short: int, max_long: int) -> torch.Tensor:
     """The un-augmented view (structure loss): (B, 3, H, W) -> (B, 3, h, w) at :func:`view_size`,
-    antialiased."""
+    bilinear and not antialiased, as the original's ``T.Resize`` on tensors (torchvision 0.11)."""
     size = view_size(*image.shape[-2:], short, max_long)
-    return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(image, size=size, mode="bilinear", antialias=False, align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,26 +440,62 @@ def _bucket(side: float, multiple: int, min_side: int) -> int:
     return max(-(-min_side // multiple) * multiple, round(side / multiple) * multiple)
 
 
-def draw_example(
-    image: torch.Tensor, cfg: DataConfig, gen: torch.Generator, min_side: int, multiple: int = 1
-) -> torch.Tensor:
-    """One augmented training example from ``image`` (1, 3, H, W): colour jitter, flip, random
-    scale, random crop covering ``crop_min_cover``..1 of the scaled image (one cover for both sides,
-    as the original's ``RandomSizeCrop``). Sides stay >= ``min_side`` and, with ``multiple`` > 1, the
-    crop is resampled to the nearest multiple of it on each side (a few fixed shapes for the fast
-    path)."""
-    h, w = image.shape[-2:]
+@dataclass
+class CropDraw:
+    """A training crop's random parameters (:class:`ViewParams`: flip, crop box, colour; its size is
+    the crop's) and the size the image is first resampled to, antialiased (the image's own size
+    when the crop does not downscale: resampling to the same size is the identity, exactly)."""
+
+    params: ViewParams
+    resample: tuple[int, int]
+
+    def to(self, device: torch.device | str) -> CropDraw:
+        return CropDraw(self.params.to(device), self.resample)  # one transfer
+
+
+@host_side
+def draw_crop(
+    hw: tuple[int, int], cfg: DataConfig, gen: torch.Generator, min_side: int, multiple: int = 1
+) -> CropDraw:
+    """The random choices of :func:`draw_example` for an (h, w) image, on the host."""
+    h, w = hw
     scale = float(_uniform(1, cfg.scale_min, cfg.scale_max, gen))
     cover = _uniform(1, cfg.crop_min_cover, 1.0, gen)
     out_h = _bucket(h * scale * float(cover), multiple, min_side)
     out_w = _bucket(w * scale * float(cover), multiple, min_side)
     cy = (1 - cover) * _uniform(1, -1, 1, gen)
     cx = (1 - cover) * _uniform(1, -1, 1, gen)
-    geometry = crop_matrix(cover, cover, cx, cy) @ flip_matrix(_bernoulli(1, cfg.flip_p, gen))
+    crop, flip = crop_matrix(cover, cover, cx, cy), flip_matrix(_bernoulli(1, cfg.flip_p, gen))
     colour = ColourParams.draw(1, cfg.jitter_p, 0.1, 0.0, gen)
-    params = ViewParams(geometry, colour, (out_h, out_w)).to(image.device)  # one transfer
+    resample = (h, w)
     if out_h < h * float(cover) or out_w < w * float(cover):  # downscaling: antialias first
-        pre = (max(out_h, round(out_h / float(cover))), max(out_w, round(out_w / float(cover))))
-        image = F.interpolate(image, size=pre, mode="bilinear", antialias=True, align_corners=False)
-    example = warp(image, params.geometry, (out_h, out_w), fill=None)
-    return apply_colour(example, params.colour)
+        resample = (max(out_h, round(out_h / float(cover))), max(out_w, round(out_w / float(cover))))
+    return CropDraw(ViewParams(flip, crop, colour, (out_h, out_w)), resample)
+
+
+@full_precision
+def render_crop(image: torch.Tensor, crop: CropDraw) -> torch.Tensor:
+    """The training crop ``crop`` (parameters on the image's device) of ``image`` (1, 3, H, W). No
+    branch on sizes when compiled: the resampling always runs there."""
+    if torch.compiler.is_compiling() or crop.resample != tuple(image.shape[-2:]):
+        image = F.interpolate(image, size=crop.resample, mode="bilinear", antialias=True, align_corners=False)
+    p = crop.params
+    return apply_colour(warp(image, p.geometry, p.size, fill=None, crop=p.crop), p.colour)
+
+
+def draw_example(
+    image: torch.Tensor,
+    cfg: DataConfig,
+    gen: torch.Generator,
+    min_side: int,
+    multiple: int = 1,
+    render=render_crop,
+) -> torch.Tensor:
+    """One augmented training example from ``image`` (1, 3, H, W): colour jitter, flip, random
+    scale, random crop covering ``crop_min_cover``..1 of the scaled image (one cover for both sides,
+    as the original's ``RandomSizeCrop``). Sides stay >= ``min_side`` and, with ``multiple`` > 1, the
+    crop is resampled to the nearest multiple of it on each side (a few fixed shapes for the fast
+    path). The draws on the host (:func:`draw_crop`), then ``render`` (:func:`render_crop`, or a
+    compiled version of it) on the image's device."""
+    crop = draw_crop(tuple(image.shape[-2:]), cfg, gen, min_side, multiple)
+    return render(image, crop.to(image.device))

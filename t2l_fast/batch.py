@@ -119,7 +119,7 @@ class JobRecord:
     prompt: str
     seed: int
     status: str  # done | skipped (done by an earlier run) | failed | interrupted | not run
-    out: str
+    out: str  # the job's output folder; "" when it has none (failed, interrupted, not run)
     rank: int = 0
     seconds: float | None = None  # the whole job: reading the input, training, writing
     first_step_seconds: float | None = None  # job start to the end of its first step (compile included)
@@ -560,6 +560,7 @@ def _read_marker(folder: Path) -> dict | None:
 
 
 def _record(job: Job, out: Path, status: str, rank: int, **values) -> JobRecord:
+    """A summary row; its output folder is left empty unless the job's folder is there (done)."""
     return JobRecord(
         index=job.index,
         name=job.name,
@@ -567,7 +568,7 @@ def _record(job: Job, out: Path, status: str, rank: int, **values) -> JobRecord:
         prompt=job.prompt,
         seed=job.config.seed,
         status=status,
-        out=str(out / job.name),
+        out=str(out / job.name) if status in ("done", "skipped") else "",
         rank=rank,
         **values,
     )
@@ -908,7 +909,9 @@ def batch(
     clip_weights: Path = typer.Option(
         None, help="Local CLIP weights: safetensors, state dict or OpenAI's ViT-B-32.pt."
     ),
-    device: str = typer.Option("auto", help="auto, cuda or cpu (under torchrun: each rank's own GPU)."),
+    device: str = typer.Option(
+        "auto", help="auto, cuda, cuda:N or cpu (under torchrun: each rank's own GPU)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars / lines."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More logging."),
 ) -> None:
@@ -968,7 +971,7 @@ def _configure_logging(verbose: bool, rank: int | None) -> None:
 
 
 # ``python -m t2l_fast.batch`` (and ``torchrun ... -m t2l_fast.batch``): the one command, no subcommand
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)
 app.command()(batch)
 
 

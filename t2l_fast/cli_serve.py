@@ -25,7 +25,7 @@ def serve(
     clip_weights: Path = typer.Option(
         None, help="Local CLIP weights: safetensors, state dict or OpenAI's ViT-B-32.pt."
     ),
-    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu."),
     workdir: Path = typer.Option(
         None, help="Folder for the outputs of the runs (default: a new temporary folder)."
     ),

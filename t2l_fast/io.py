@@ -22,6 +22,19 @@ class InputError(ValueError):
     """Bad user input; the message is one line naming the problem and the fix."""
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc tells it, as on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only way to read it)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
@@ -33,6 +46,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp = final.with_name(f".{final.stem}.tmp{os.getpid()}{final.suffix}")
     try:
         yield tmp
+        if tmp.is_file():  # some writers (safetensors) create 0600 files: give the mode open() gives
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -26,7 +27,9 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import Config, parse_overrides, preset
 from .io import InputError, to_uint8
+from .losses import prompt_warnings
 from .models.clip import Clip
+from .models.generator import min_side
 from .pipeline.image import ImageEditor
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,8 @@ def format_seconds(seconds: float) -> str:
 
 
 def check_image_file(path: str | os.PathLike | None, limits: Limits) -> Path:
-    """An uploaded file that is an image PIL can open, of at most ``limits.max_megapixels``."""
+    """An uploaded file that is an image PIL can open, of at most ``limits.max_megapixels`` and at
+    least the generator's smallest side (of the image preset) on each side."""
     if not path:
         raise InputError("upload an image or pick a sample first")
     path = Path(path)
@@ -98,9 +102,12 @@ def check_image_file(path: str | os.PathLike | None, limits: Limits) -> Path:
     try:
         with Image.open(path) as im:  # reads the header only: a huge image is refused before decoding
             w, h = im.size
-    except Image.DecompressionBombError:
+    except Image.DecompressionBombError as exc:  # PIL refuses before we see the size: it says the pixels
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f" ({int(found.group(1)) / 1e6:.0f} MP)" if found else ""
         raise InputError(
-            f"{name} is too large: the page accepts images of up to {limits.max_megapixels:g} MP"
+            f"{name} is too large{size}: the page accepts images of up to {limits.max_megapixels:g} MP, "
+            "downscale it first"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(f"{name} is not an image file (upload a PNG, JPEG or WebP image)") from None
@@ -108,6 +115,12 @@ def check_image_file(path: str | os.PathLike | None, limits: Limits) -> Path:
         raise InputError(
             f"{name} is {w}x{h} ({w * h / 1e6:.0f} MP): the page accepts images of up to "
             f"{limits.max_megapixels:g} MP, downscale it first"
+        )
+    smallest = min_side(preset("image").generator.scales)
+    if min(w, h) < smallest:
+        raise InputError(
+            f"{name} is {w}x{h} px; the generator needs at least {smallest} px on each side: "
+            "use a larger image"
         )
     return path
 
@@ -205,8 +218,9 @@ def _run_in_thread(
 class Progress:
     """Step count, time left and the loss history of a training run."""
 
-    def __init__(self, total: int, what: str):
+    def __init__(self, total: int, what: str, notes: list[str] | None = None):
         self.total, self.what = total, what
+        self.notes = "".join(f"\n\nnote: {n}" for n in notes or [])  # under every status
         self.history: list[tuple[int, dict[str, float]]] = []
         self.start = time.perf_counter()
         self.first_step_at: float | None = None
@@ -228,6 +242,9 @@ class Progress:
         return {"status": self.status(), "losses": loss_table(self.history)}
 
     def status(self) -> str:
+        return self._status() + self.notes
+
+    def _status(self) -> str:
         if self.first_step_at is None:
             return f"{self.what}: starting ({self.total} steps)"
         done = self.done
@@ -401,10 +418,10 @@ class App:
         path = check_image_file(image_path, self.limits)
         editor = _PreviewingImageEditor(cfg, device=self.device, clip=self.clip)
         run = editor.prepare(path)  # InputError (too small, ...) before the thread
-        cfg, notes, (h, w) = run.config, run.notes, run.source.shape[-2:]
-        what = f"editing {w}x{h}"
-        progress = Progress(cfg.optim.steps, what)
-        yield {"status": progress.status() + "".join(f"\n\nnote: {n}" for n in notes)}
+        cfg, (h, w) = run.config, run.source.shape[-2:]
+        notes = run.notes + prompt_warnings(self.clip, cfg)  # conversions, words CLIP does not read
+        progress = Progress(cfg.optim.steps, f"editing {w}x{h}", notes)
+        yield {"status": progress.status()}
 
         def work(emit, check):
             on_step = _step_reporter(cfg, emit, check)
@@ -430,7 +447,7 @@ class App:
                 result, out, archive = event.payload
                 edit_layer = checkerboard(result.edit_layer)
                 yield {
-                    "status": _finished(result, out, self.is_test_model),
+                    "status": _finished(result, out, self.is_test_model) + progress.notes,
                     "losses": loss_table(list(enumerate(result.losses))),
                     "preview": to_pil(result.composite),
                     "preview_edit": edit_layer,
@@ -457,6 +474,35 @@ class App:
             )
         return upload
 
+    def first_frame(self, video: str | os.PathLike | None) -> str | None:
+        """The uploaded video's first frame as given (a PNG path; None without a video), on which the
+        object's box is drawn."""
+        from .video_io import read_video
+
+        if not video:
+            return None
+        out = self._job_dir("first-frame")
+        frame, _ = read_video(self.video_source(video, out), max_frames=1, size=None)
+        path = out / "first_frame.png"
+        Image.fromarray(frame[0].permute(1, 2, 0).numpy()).save(path)
+        return str(path)
+
+    @staticmethod
+    def draw_box(frame: str | None, x=None, y=None, w=None, h=None) -> Image.Image | None:
+        """The first frame with the box (x, y, w, h; pixels of the video as given) drawn when given."""
+        from PIL import ImageDraw
+
+        if not frame:
+            return None
+        image = Image.open(frame).convert("RGB")
+        if all(v is not None for v in (x, y, w, h)) and w > 0 and h > 0:
+            width = max(2, round(max(image.size) / 300))
+            ImageDraw.Draw(image).rectangle((x, y, x + w - 1, y + h - 1), outline=(255, 32, 32), width=width)
+        return image
+
+    #: How the object is marked for an atlas fit: a masks zip (or none), found from motion, a box.
+    OBJECT_MODES = ("masks", "auto", "box")
+
     def fit_atlas(
         self,
         session: str,
@@ -465,12 +511,38 @@ class App:
         iterations: float = 2000,
         size: str = "768x432",
         frames: float | None = None,
+        find: str = "masks",
+        box: tuple | None = None,
     ) -> Iterator[dict[str, object]]:
-        """Fit a layered atlas to the uploaded video (and masks zip); yields progress, then the atlas
-        (``atlas``: the file for the edit), its reconstruction video, atlas images and PSNR."""
-        from .fit import FitConfig, fit_atlas, read_masks
+        """Fit a layered atlas to the uploaded video; yields progress, then the atlas (``atlas``: the
+        file for the edit), its reconstruction video, atlas images and PSNR. The object: the masks
+        zip (``find="masks"``; none: background only), found from its motion (``"auto"``) or from
+        ``box`` (x, y, w, h) on the first frame (``"box"``); those two yield ``masks_video`` (the
+        masks over the frames) before the fit starts."""
+        from .fit import (
+            FitConfig,
+            NoMovingObject,
+            compute_flow,
+            fit_atlas,
+            masks_from_box,
+            masks_from_motion,
+            read_masks,
+            write_masks,
+        )
+        from .fit.segment import scale_box
         from .video_io import parse_size, read_video
 
+        if find not in self.OBJECT_MODES:
+            raise InputError(
+                f"unknown way to mark the object {find!r}: one of {', '.join(self.OBJECT_MODES)}"
+            )
+        if find != "masks" and masks:
+            raise InputError(
+                "a masks zip and finding the object are alternatives: remove the masks zip, or choose "
+                "'masks zip'"
+            )
+        if find == "box" and (box is None or len(box) != 4 or any(v is None for v in box)):
+            raise InputError("give the object's box on the first frame: X, Y, W and H in pixels")
         out = self._job_dir("atlas")
         source = self.video_source(video, out)
         if iterations is None or iterations != int(iterations) or int(iterations) < 1:
@@ -479,6 +551,9 @@ class App:
         if n is not None and n < 3:
             raise InputError(f"frames must be at least 3 (got {n})")
         wh = parse_size(size, "the fit size")
+        if find == "box":  # checked in the first frame as given, before the whole video is read
+            native, _ = read_video(source, max_frames=1, size=None)
+            box = scale_box(tuple(float(v) for v in box), (native.shape[3], native.shape[2]), wh)
         video_frames, fps = read_video(source, max_frames=n, size=wh)
         t = video_frames.shape[0]
         if t < 3:
@@ -492,29 +567,56 @@ class App:
             )
         cfg = FitConfig(iterations=int(iterations))
         progress = Progress(cfg.iterations, f"fitting the atlas to {t} frames of {wh[0]}x{wh[1]}")
-        note = "" if mask_tensor is not None else "\n\nnote: no masks: a background-only atlas"
+        if find == "auto":
+            note = "\n\nfinding the moving object first ..."
+        elif find == "box":
+            note = "\n\nsegmenting the object in the box and following it first ..."
+        else:
+            note = "" if mask_tensor is not None else "\n\nnote: no masks: a background-only atlas"
         yield {"status": progress.status() + note}
+        found = {"masks": mask_tensor}  # the masks the fit uses (set in the run's thread)
 
         def work(emit, check):
             def on_step(iteration, psnr):
                 emit("step", (iteration - 1, {"psnr": psnr}))
                 check()
 
-            source_info = {"video": Path(str(video)).name, "masks": bool(masks), "fps": fps}
+            flow = None
+            if find != "masks":  # the flow is computed once: for the masks, then for the fit
+                flow = compute_flow(video_frames, cfg.flow_preset)
+                check()
+                try:
+                    if find == "auto":
+                        found["masks"] = masks_from_motion(video_frames, flow=flow)
+                    else:
+                        found["masks"] = masks_from_box(video_frames, box, flow=flow)
+                except NoMovingObject as exc:
+                    emit("masks", (None, f"note: {exc}; fitting a background-only atlas"))
+                else:
+                    _, mask_video = write_masks(out, video_frames, found["masks"], fps)
+                    emit("masks", (str(mask_video), "the object's masks: see the masks video"))
+                check()
+            how = bool(masks) if find == "masks" else find  # True/False: a masks zip or none
+            source_info = {"video": Path(str(video)).name, "masks": how, "fps": fps}
             fitted = fit_atlas(
                 video_frames,
-                mask_tensor,
+                found["masks"],
                 cfg,
                 device=self.device,
                 progress=False,
                 on_step=on_step,
                 meta={"source": source_info},
+                flow=flow,
             )
             fitted.save(out, fps, info={"source": source_info, "size": list(wh)})  # as t2l-fast atlas
             return fitted
 
         for event in self._events(session, work):
-            if event.kind == "step":
+            if event.kind == "masks":
+                mask_video, message = event.payload
+                note = f"\n\n{message}"
+                yield {"status": progress.status() + note, "masks_video": mask_video}
+            elif event.kind == "step":
                 progress.step(*event.payload)
                 yield {"status": progress.status() + f" (PSNR {event.payload[1]['psnr']:.1f} dB)" + note}
             elif event.kind == "done":
@@ -523,7 +625,7 @@ class App:
                     f"atlas fitted: {stats.iterations} iterations, "
                     f"reconstruction PSNR {stats.psnr:.2f} dB"
                     + (" (cancelled early)" if stats.interrupted else "")
-                    + ("" if mask_tensor is not None else "; background only (no masks)")
+                    + ("" if found["masks"] is not None else "; background only (no masks)")
                 )
                 yield {
                     "status": text,
@@ -582,7 +684,11 @@ class App:
         editor = VideoEditor(cfg, device=self.device, clip=self.clip)
         run = editor.prepare(source, atlas=data if data is not None else atlas)
         cfg, (t, _, h, w) = run.config, run.frames.shape
-        progress = Progress(cfg.optim.steps, f"editing the {cfg.video.layer} of {t} frames of {w}x{h}")
+        progress = Progress(
+            cfg.optim.steps,
+            f"editing the {cfg.video.layer} of {t} frames of {w}x{h}",
+            prompt_warnings(self.clip, cfg),
+        )
         yield {"status": progress.status()}
 
         def work(emit, check):
@@ -597,7 +703,7 @@ class App:
             elif event.kind == "done":
                 result, out_dir, archive = event.payload
                 yield {
-                    "status": _finished(result, out_dir, self.is_test_model),
+                    "status": _finished(result, out_dir, self.is_test_model) + progress.notes,
                     "losses": loss_table(list(enumerate(result.losses))),
                     "edited": str(out_dir / "edited.mp4"),
                     "greenscreen": str(out_dir / "greenscreen.mp4"),
@@ -624,7 +730,7 @@ def _finished(result, out: Path, test_model: bool) -> str:
     text = (
         f"cancelled after {result.steps_done} of {steps} steps: this is the result so far"
         if result.interrupted
-        else f"done: {result.steps_done} steps"
+        else f"done: {result.steps_done} step" + ("" if result.steps_done == 1 else "s")
     )
     if result.losses:
         text += f", final loss {result.losses[-1]['loss']:.3f}"

@@ -29,6 +29,13 @@ def _error(exc: InputError) -> gr.Error:
     return gr.Error(str(exc), duration=None, print_exception=False)
 
 
+def _failed(exc: InputError, names: list[str]) -> tuple:
+    """A run's bad input or failure, as its last update: one line in the status (and a notice), the
+    other outputs as they are. Raising would mark every output of the run with an error badge."""
+    gr.Warning(str(exc))
+    return tuple(f"error: {exc}" if name == "status" else gr.skip() for name in names)
+
+
 def _outputs(updates, names: list[str]):
     """Handler updates (dicts by name) -> tuples in the order of the event's outputs."""
     for update in updates:
@@ -129,12 +136,14 @@ def _image_tab(app: App, sample_paths: dict) -> None:
         except InputError as exc:
             raise _error(exc) from None
 
-    upload.upload(load, upload, [source_path, source_view], concurrency_limit=None)
+    # a refused upload shows its message, without error badges on the source (show_progress hidden)
+    upload.upload(load, upload, [source_path, source_view], concurrency_limit=None, show_progress="hidden")
     sample.input(
         lambda name: load(str(sample_paths[name])) if name else (gr.skip(), gr.skip()),
         sample,
         [source_path, source_view],
         concurrency_limit=None,
+        show_progress="hidden",
     )
 
     def config(prompt, screen, roi, steps, seed, preview_every, more, bootstrap, *adv):
@@ -155,14 +164,16 @@ def _image_tab(app: App, sample_paths: dict) -> None:
     names.append("download")
     outputs = [status, preview, preview_edit, losses, composite, edit_layer, alpha, greenscreen, download]
 
-    def edit(path, *values, request: gr.Request = None):
+    # gr.Request is injected into positional parameters only: before *values, never after
+    def edit(request: gr.Request, path, *values):
         try:
             cfg = config(*values)
             yield from _outputs(app.edit_image(_session(request), path, cfg), names)
         except InputError as exc:
-            raise _error(exc) from None
+            yield _failed(exc, names)
 
-    run.click(check, [source_path, *fields], status, concurrency_limit=None).success(
+    check_first = dict(concurrency_limit=None, show_progress="hidden")  # bad input: a notice, no badge
+    run.click(check, [source_path, *fields], status, **check_first).success(
         edit, [source_path, *fields], outputs, concurrency_limit=1, concurrency_id=RUN_QUEUE
     )
 
@@ -176,10 +187,12 @@ def _image_tab(app: App, sample_paths: dict) -> None:
 def _video_tab(app: App) -> None:
     atlas_path = gr.State(None)
     frames_used = gr.State(None)
+    first_frame = gr.State(None)
     gr.Markdown(
-        "**1.** Upload a video (or a zip of frames) and, for foreground edits, a zip of the object's "
-        "masks (one PNG a frame, 255 = object), and fit the atlas; or upload an atlas file made by "
-        "`t2l-fast atlas`. **2.** Edit a layer of it."
+        "**1.** Upload a video (or a zip of frames); for foreground edits mark the object: a zip of its "
+        "masks (one PNG a frame, 255 = object), *find the object* from its motion, or a box around it "
+        "on the first frame; and fit the atlas (found masks are shown before the fit starts). Or "
+        "upload an atlas file made by `t2l-fast atlas`. **2.** Edit a layer of it."
     )
     with gr.Row():
         with gr.Column():
@@ -188,11 +201,33 @@ def _video_tab(app: App) -> None:
                 elem_id="video-upload",
                 height=120,
             )
+            find = gr.Radio(
+                [
+                    ("Masks zip (none: background only)", "masks"),
+                    ("Find the object (from its motion)", "auto"),
+                    ("A box on the first frame", "box"),
+                ],
+                value="masks",
+                label="The object (for foreground edits)",
+                elem_id="find",
+            )
             masks = gr.File(
                 label="Masks (zip of PNGs; optional, needed for foreground edits)",
                 elem_id="masks",
                 height=120,
             )
+            with gr.Group(visible=False) as box_group:
+                with gr.Row():
+                    box = [
+                        gr.Number(value=None, precision=0, minimum=0, label=f"Box {name}", elem_id=f"box-{k}")
+                        for k, name in (("x", "X (left)"), ("y", "Y (top)"), ("w", "W"), ("h", "H"))
+                    ]
+                first = gr.Image(
+                    label="First frame (pixels as given; the box in red)",
+                    interactive=False,
+                    elem_id="first-frame",
+                    height=240,
+                )
             with gr.Row():
                 iterations = gr.Number(value=2000, precision=0, minimum=1, label="Fit iterations")
                 size = gr.Textbox(value="768x432", label="Fit size (WxH)")
@@ -217,6 +252,9 @@ def _video_tab(app: App) -> None:
                 cancel = gr.Button("Cancel (keep the current result)", variant="stop")
     status = gr.Markdown("", elem_id="video-status")
     with gr.Row():
+        masks_video = gr.Video(
+            label="Object masks (before the fit)", interactive=False, elem_id="masks-video"
+        )
         reconstruction = gr.Video(label="Atlas reconstruction", interactive=False)
         background_atlas = gr.Image(label="Background atlas", interactive=False)
         foreground_atlas = gr.Image(label="Foreground atlas", interactive=False)
@@ -227,20 +265,35 @@ def _video_tab(app: App) -> None:
         atlas_edit = gr.Image(label="The edit on the atlas", interactive=False, format="png")
     download = gr.File(label="Download: the output folder (zip)", interactive=False)
 
-    fit_names = ["status", "atlas", "frames", "reconstruction", "background_atlas", "foreground_atlas"]
-    fit_outputs = [status, atlas_path, frames_used, reconstruction, background_atlas, foreground_atlas]
+    fit_names = ["status", "atlas", "frames", "masks_video", "reconstruction"]
+    fit_names += ["background_atlas", "foreground_atlas"]
+    fit_outputs = [status, atlas_path, frames_used, masks_video, reconstruction]
+    fit_outputs += [background_atlas, foreground_atlas]
 
-    def run_fit(video, masks, iterations, size, frames, request: gr.Request = None):
+    def run_fit(request: gr.Request, video, masks, iterations, size, frames, how, *xywh):  # request first
         try:
-            yield from _outputs(
-                app.fit_atlas(_session(request), video, masks, iterations, size, frames), fit_names
-            )
+            updates = app.fit_atlas(_session(request), video, masks, iterations, size, frames, how, xywh)
+            yield from _outputs(updates, fit_names)
         except InputError as exc:
             raise _error(exc) from None
 
+    # the box: four numbers beside the first frame, on which it is drawn as they change
+    find.change(lambda how: gr.update(visible=how == "box"), find, box_group, concurrency_limit=None)
+
+    def show_first(path):
+        try:
+            frame = app.first_frame(path)
+        except InputError as exc:
+            raise _error(exc) from None
+        return frame, app.draw_box(frame)
+
+    video.change(show_first, video, [first_frame, first], concurrency_limit=None)
+    for field in box:
+        field.change(app.draw_box, [first_frame, *box], first, concurrency_limit=None)
+
     fit.click(
         run_fit,
-        [video, masks, iterations, size, frames],
+        [video, masks, iterations, size, frames, find, *box],
         fit_outputs,
         concurrency_limit=1,
         concurrency_id=RUN_QUEUE,
@@ -260,14 +313,14 @@ def _video_tab(app: App) -> None:
 
     names = ["status", "losses", "edited", "greenscreen", "atlas_edit", "download"]
 
-    def edit(video, atlas, frames, *values, request: gr.Request = None):
+    def edit(request: gr.Request, video, atlas, frames, *values):  # request first: see above
         try:
             cfg = app.video_config(*values)
             yield from _outputs(app.edit_video(_session(request), video, atlas, cfg, frames), names)
         except InputError as exc:
-            raise _error(exc) from None
+            yield _failed(exc, names)
 
-    run.click(check, fields, status, concurrency_limit=None).success(
+    run.click(check, fields, status, concurrency_limit=None, show_progress="hidden").success(
         edit,
         [video, atlas_path, frames_used, *fields],
         [status, losses, edited, greenscreen, atlas_edit, download],

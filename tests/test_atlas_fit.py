@@ -354,3 +354,35 @@ def test_command_rejects_bad_fit_settings(on_disk, no_fit):
     result = run(*args, "--iterations", -1)
     assert result.exit_code == 2 and "iterations must be >= 0" in result.output, result.output
     assert not (on_disk / "o").exists()
+
+
+def test_command_refuses_zero_iterations(on_disk, no_fit):
+    """Zero iterations would fit nothing and still write an atlas: refused, as edit --steps 0."""
+    args = (on_disk / "frames", "--size", "64x48", "--out", on_disk / "o")
+    for given in (["--iterations", 0], ["--set", "iterations=0"]):
+        result = run(*args, *given)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == "error: --iterations must be > 0 (got 0)", result.output
+    assert not (on_disk / "o").exists()
+
+
+def test_command_quick_settings_are_under_the_flags(on_disk, monkeypatch):
+    from t2l_fast.cli_common import QUICK_ATLAS, QUICK_FIT
+
+    seen = {}
+
+    def capture(frames, masks, cfg, **kwargs):
+        seen["cfg"], seen["frames"] = cfg, frames
+        raise KeyboardInterrupt  # stop before any fitting: only the settings are checked
+
+    monkeypatch.setattr("t2l_fast.fit.fit_atlas", capture)
+    args = (on_disk / "frames", "--device", "cpu", "--out", on_disk / "o")
+    run(*args, "--quick", "--frames", 3)
+    width, height = (int(v) for v in QUICK_ATLAS["size"].split("x"))
+    assert [f"{k}={getattr(seen['cfg'], k)}" for k in ("iterations", "grid")] == QUICK_FIT
+    assert tuple(seen["frames"].shape) == (3, 3, height, width)
+    run(*args, "--quick", "--set", "iterations=7", "--size", "64x48")
+    assert seen["cfg"].iterations == 7 and tuple(seen["frames"].shape[2:]) == (48, 64)
+    run(*args)  # without --quick: the full settings
+    assert seen["cfg"].iterations == 2000 and seen["cfg"].grid is None
+    assert tuple(seen["frames"].shape[2:]) == (432, 768)

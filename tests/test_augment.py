@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from t2l_fast.augment import (
     ColourParams,
@@ -104,7 +105,8 @@ def test_resize_view_size_and_values():
     img = _smooth(240, 480)
     out = resize_view(img, 224, 380)
     assert out.shape == (1, 3, 190, 380)  # 448 > 380: long 380, short int(380·224/448) = 190
-    ref = F.interpolate(img, size=(190, 380), mode="bilinear", antialias=True, align_corners=False)
+    # the original's T.Resize(224, max_size=380) on a tensor (torchvision 0.11: no antialiasing)
+    ref = TF.resize(img, 224, max_size=380, interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
     torch.testing.assert_close(out, ref)
 
 
@@ -237,7 +239,8 @@ def test_make_views_fill_value_outside():
     img = torch.zeros(1, 3, 224, 224)
     zeros = torch.zeros(2, dtype=torch.float64)
     geometry = affine_matrix(torch.tensor([15.0, -15.0], dtype=torch.float64), zeros, zeros, 224, 224)
-    params = ViewParams(geometry, _identity_colour(2), (224, 224))
+    crop = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)  # the whole image
+    params = ViewParams(geometry, crop, _identity_colour(2), (224, 224))
     views = make_views(img, params, fill=1.0, min_cover=1.0)
     assert views.shape == (2, 3, 224, 224)
     assert (views[..., :4, :4] > 0.999).all() and (views[..., -4:, -4:] > 0.999).all()
@@ -338,7 +341,7 @@ def test_make_views_full_augmentation_shapes_and_range():
     img = _smooth(200, 350)
     size = view_size(200, 350, 224, cfg.max_long_side)
     params = ViewParams.draw(8, size, cfg, torch.Generator().manual_seed(3))
-    assert len(params) == 8 and params.geometry.shape == (8, 3, 3)
+    assert len(params) == 8 and params.geometry.shape == (8, 2, 3, 3)
     views = make_views(img, params, fill=cfg.fill, min_cover=cfg.min_cover)
     assert views.shape == (8, 3, 182, 320)  # 350·224/200 = 392 > 320: long 320, short int(320·224/392)
     assert torch.isfinite(views).all()

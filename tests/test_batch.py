@@ -284,6 +284,15 @@ def test_bad_jobs_are_recorded_and_the_rest_go_on_and_reruns_resume(tmp_path, ph
     assert "| job | status | seconds | final losses | output |" in table
     assert f"| missing | failed: image not found: {photos / 'missing.png'} |" in table
     assert _statuses(_summary(out)) == {"good": "done", "missing": "failed", "nan": "failed", "later": "done"}
+    # a summary row names an output folder only where there is one
+    assert {job["name"]: job["out"] for job in _summary(out)["jobs"]} == {
+        "good": str(out / "good"),
+        "missing": "",
+        "nan": "",
+        "later": str(out / "later"),
+    }
+    row = next(line for line in table.splitlines() if line.startswith("| missing |"))
+    assert row.endswith(" |  |  |"), row  # no losses, no output folder
 
     # a rerun: finished jobs are skipped untouched, failed ones tried again, a changed job redone
     stamp = (out / "good" / "composite.png").stat().st_mtime_ns

@@ -61,3 +61,22 @@ def test_bench_memory_counts_saved_activations(tmp_path):
     rows = {r["precision"]: r["saved_gb"] for r in report["rows"]}
     assert report["crop"] == [160, 240]
     assert 0 < rows["bf16"] < rows["fp32"]  # bf16 autocast keeps smaller activations
+
+
+def test_bench_atlas_defaults_to_the_shipped_sample_clip(tmp_path):
+    """A user has no ../shared/data: the benchmark runs on t2l_fast/samples/clip (with its masks), and
+    a --video that is not there is one error line, not a traceback."""
+    script = str(REPO / "benchmarks" / "bench_atlas.py")
+    args = ["--device", "cpu", "--frames", "3", "--size", "64x36", "--iterations", "2"]
+    args += ["--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = tmp_path.glob("atlas-*.json")
+    data = json.loads(result.read_text())
+    assert Path(data["video"]) == REPO / "t2l_fast" / "samples" / "clip"
+    assert data["masks"] is True and data["frames"] == 3 and data["runs"][0]["iterations"] == 2
+    proc = subprocess.run(
+        [sys.executable, script, "--video", str(tmp_path / "car-turn")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: --video {tmp_path / 'car-turn'} not found" in proc.stderr

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import t2l_fast
 from t2l_fast import cli
 from t2l_fast.losses import Objective
 from t2l_fast.pipeline import base as pipeline_base
@@ -89,7 +90,7 @@ def test_ctrl_c_writes_current_results_and_exits_130(tmp_path, png, monkeypatch)
     out = tmp_path / "out"
     result = run(png, "--prompt", "x", "--steps", 5, "--out", out, *FAST)
     assert result.exit_code == 130
-    assert (out / "composite.png").is_file() and "(1 steps)" in result.output
+    assert (out / "composite.png").is_file() and "(1 step)" in result.output
 
 
 def _bad(tmp_path, args, message):
@@ -170,6 +171,7 @@ def test_accepted_conversions_are_reported(tmp_path, monkeypatch):
     result = run(rgba, "--prompt", "x", "--steps", 1, "--out", out, *FAST)
     assert result.exit_code == 0, result.output
     assert "alpha channel is ignored" in result.output
+    assert "for 1 step on" in result.output and f"wrote 6 files to {out}/ (1 step)" in result.output
 
 
 def test_large_images_are_resized_to_size(tmp_path):
@@ -236,3 +238,49 @@ def test_bootstrap_flag(tmp_path, png):
     assert yaml.safe_load((out / "config.yaml").read_text())["loss"]["bootstrap_steps"] == 2
     result = run(png, "--prompt", "x", "--bootstrap", *FAST, "--steps", "1", "--out", tmp_path / "p")
     assert result.exit_code == 2 and "--roi-prompt" in result.output
+
+
+def test_the_input_is_judged_before_the_flags(tmp_path, no_model):
+    """An empty folder (or a missing file) is the problem to report, not --size or --frames."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _bad(tmp_path, [empty, "--prompt", "x", "--size", 160], f"{empty} is a folder without frame images")
+    _bad(tmp_path, [tmp_path / "nope.jpg", "--prompt", "x", "--frames", 3], "image not found")
+    _bad(tmp_path, [tmp_path / "nope.mp4", "--prompt", "x", "--size", 160], "video not found")
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--roi-prompt"])
+def test_prompt_that_is_not_utf8_is_refused(tmp_path, png, no_model, flag):
+    # what Python makes of the bytes b"caf\xe9" (Latin-1) on a UTF-8 command line
+    text = b"caf\xe9 cat".decode("utf-8", "surrogateescape")
+    args = [png, "--prompt", "a cat", flag, text]
+    _bad(tmp_path, args, f"{flag} holds bytes that are not UTF-8 text (at character 4)")
+
+
+def test_a_run_longer_than_a_day_is_said_before_it_starts(tmp_path, png, no_model):
+    result = run(png, "--prompt", "x", "--steps", 10**9, "--out", tmp_path / "o", *FAST)
+    assert isinstance(result.exception, AssertionError)  # it went on to load the model (refused here)
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    days = 10**9 * cli.STEP_SECONDS["cpu"][0] / 86400
+    assert warnings == [
+        f"warning: 1000000000 steps would take more than {days:,.0f} days on cpu (at least 1 s a step); "
+        "Ctrl-C stops the run and keeps the result so far"
+    ], result.output
+    result = run(png, "--prompt", "x", "--steps", 1000, "--out", tmp_path / "o", *FAST)
+    assert "warning:" not in result.output  # a normal run: no warning
+    assert cli.long_run_warning(10**9, "cuda", video=True).startswith("warning: 1000000000 steps")
+    assert cli.long_run_warning(86400 // 5, "cpu", video=True) is None  # exactly a day: not more
+
+
+def test_help_version_and_usage():
+    result = runner.invoke(cli.app, ["edit", "--help"], prog_name="t2l-fast")
+    assert result.exit_code == 0
+    assert result.output.startswith("Usage: t2l-fast edit [OPTIONS] INPUT\n"), result.output
+    assert "<bool>" not in result.output and "{" not in result.output
+    assert "mp4, mov, webm, mkv, avi" in " ".join(result.output.split())
+    assert "auto, cuda, cuda:N or cpu" in result.output and "--quick" in result.output
+    for command in ("atlas", "serve", "batch"):
+        text = runner.invoke(cli.app, [command, "--help"]).output
+        assert "<bool>" not in text and "{" not in text and "cuda:N" in " ".join(text.split()), command
+    result = runner.invoke(cli.app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"t2l-fast {t2l_fast.__version__}"

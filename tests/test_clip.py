@@ -180,3 +180,14 @@ def test_offline_without_cache_fails_at_once_with_the_fix(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--clip-weights PATH" in proc.stderr and "ClipWeightsError" in proc.stderr
+
+
+@pytest.mark.parametrize("out", [(7, 7), (7, 11), (6, 10), (12, 3), (2, 9), (1, 5)])
+def test_bicubic_matrices_resample_as_interpolate_does(out):
+    """The positional embedding's resampling (two matrices) against F.interpolate's bicubic mode."""
+    from t2l_fast.models.clip import bicubic_matrix
+
+    grid = torch.randn(1, 5, 7, 7, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.interpolate(grid, size=out, mode="bicubic", align_corners=False)[0]
+    got = torch.einsum("hi,wj,cij->chw", bicubic_matrix(out[0], 7), bicubic_matrix(out[1], 7), grid[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 if out != (7, 7) else 0)

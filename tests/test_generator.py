@@ -54,7 +54,8 @@ def test_crops_follow_the_input_size_as_the_min_rule_does(skip):
         logits = g.head(_level_with_min_crops(g.body, x))
         rgb = torch.einsum("dc,bchw->bdhw", g.decorrelate, logits[:, :3])
         expected = torch.sigmoid(torch.cat([rgb, logits[:, 3:]], dim=1))
-        torch.testing.assert_close(g(x), expected, rtol=0, atol=0)
+        # the same sample positions; the upsampling op given its output size rounds a few ulps apart
+        torch.testing.assert_close(g(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_output_shape_default_config():

@@ -14,7 +14,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 CLIP = REPO.parent / "shared" / "data" / "videos" / "car-turn"
 
 
-def _run(*args, env=None, timeout=900):
+def _run(*args, env=None, timeout=1800):
     return subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
     )
@@ -33,9 +33,11 @@ def test_dry_run_runs_every_part_and_packs_the_results(tmp_path):
     }
     expected = [
         "versions",
-        "kernel_tests",
+        "compile_plan",
         "edit_image",
+        "kernel_tests",
         "profile_step",
+        "edit_ablation",
         "bench_kernels",
         "edit_video",
         "bench_atlas",
@@ -62,12 +64,15 @@ def test_dry_run_runs_every_part_and_packs_the_results(tmp_path):
         prof = json.load(tar.extractfile(profile[0]))
         assert any(n.startswith("bench_kernels/kernels-") for n in names)
         assert any(n.startswith("edit_video/edit-video-") for n in names)
-    assert [m["mode"] for m in report["modes"]] == [
-        "reference",
-        "fast",
-        "fast-torch-kernels",
-        "fast-cudagraphs",
-    ]
+        ablations = [n for n in names if n.startswith("edit_ablation/edit-image-") and n.endswith(".json")]
+        ablation = json.load(tar.extractfile(ablations[0]))
+        plans = [n for n in names if n.startswith("compile_plan/compile-plan-") and n.endswith(".json")]
+        plan = json.load(tar.extractfile(plans[0]))
+    # the compile plan at the real shapes: its graphs, all made in the first step
+    assert plan["graphs"] > 0 and plan["graphs_after_first_step"] == 0 and plan["graph_breaks"] == 0
+    assert plan["planned_worst_cold_compile_s"] == plan["graphs"] * plan["plan_s_per_graph"]
+    assert [m["mode"] for m in report["modes"]] == ["reference", "fast"]
+    assert [m["mode"] for m in ablation["modes"]] == ["fast", "fast-torch-kernels", "fast-cudagraphs"]
     assert report["input_label"].startswith("160x240 image")
     for row in report["modes"]:
         assert row["render_s"] > 0 and row["save_s"] > 0

@@ -334,3 +334,28 @@ def test_save_png_clamps(tmp_path):
     img = torch.tensor([-0.5, 0.5, 1.7]).view(1, 1, 3)
     with Image.open(save_png(img, tmp_path / "c.png")) as pil:
         assert np.asarray(pil).tolist() == [[0, 128, 255]]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_every_output_file_respects_the_umask(tmp_path, umask):
+    """safetensors creates its files 0600: every whole-file write gets the mode a plain open() gives
+    (0666 less the umask), as the PNGs and text already did."""
+    from t2l_fast.config import preset
+    from t2l_fast.io import save_png, save_text
+    from t2l_fast.pipeline.base import save_generator
+    from t2l_fast.synthetic import two_layer_scene
+
+    atlas, _ = two_layer_scene(t=3, h=16, w=24, grid=32, sprite=6)
+
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:  # what the umask gives an ordinary file
+            f.write("x")
+        save_generator(tmp_path / "generator.safetensors", {"w": torch.zeros(2)}, preset("image"))
+        atlas.save(tmp_path / "atlas.safetensors")
+        save_png(torch.zeros(3, 4, 4), tmp_path / "composite.png")
+        save_text("a: 1\n", tmp_path / "config.yaml")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask)), modes

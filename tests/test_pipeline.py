@@ -161,3 +161,18 @@ def test_the_editor_keeps_its_clip_per_model_and_weights(monkeypatch, tiny_clip,
     given = ImageEditor(small_config(), device="cpu", clip=tiny_clip)
     given.load_clip(other)
     assert len(loads) == 2  # a CLIP given to the editor serves every run
+
+
+def test_clip_may_be_given_by_name(image):
+    """``clip="test-tiny"`` names the model (as ``cfg.clip`` does); the caller's config is not changed."""
+    from t2l_fast import VideoEditor
+    from t2l_fast.pipeline.base import Run
+
+    cfg = small_config(steps=1)
+    assert cfg.clip != "test-tiny"
+    editor = ImageEditor(cfg, device="cpu", clip="test-tiny")
+    result = editor(image)
+    assert result.is_test_model and result.config.clip == "test-tiny" and result.steps_done == 1
+    assert cfg.clip != "test-tiny"
+    video = VideoEditor(preset("video"), device="cpu", clip="test-tiny")
+    assert video.config.clip == "test-tiny" and video.load_clip(Run(video.config)).is_test_model

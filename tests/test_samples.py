@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import torch
@@ -48,31 +49,58 @@ def test_the_quickstart_names_files_that_ship():
     assert "../shared" not in quickstart  # only our machines have that folder
 
 
-def test_the_video_quickstart_runs_on_the_sample_clip(tmp_path, monkeypatch):
-    """The README's two video commands (atlas, then a foreground edit), made tiny."""
-    monkeypatch.chdir(ROOT)
+def _quickstart_commands() -> list[list[str]]:
+    """The README quickstart's ``t2l-fast`` commands (continuation lines joined), as argument lists."""
+    quickstart = (ROOT / "README.md").read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", quickstart, re.S)
+    text = "\n".join(blocks).replace("\\\n", " ")
+    lines = [line.split("  #", 1)[0].strip() for line in text.splitlines()]
+    return [shlex.split(line) for line in lines if line.startswith("t2l-fast ")]
+
+
+def _without(args: list[str], *options: str) -> list[str]:
+    """``args`` less the flag ``--quick`` and each of ``options`` with its value."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif arg != "--quick":
+            out.append(arg)
+    return out
+
+
+def test_every_quickstart_command_has_a_quick_form_that_runs(tmp_path, monkeypatch):
+    """Each quickstart command on the shipped samples has its ``--quick`` twin (the same command but
+    for where it writes and which atlas it reads), and every ``--quick`` command runs as written, in a
+    fresh folder, writing only under out/ (the edits with the tiny CLIP: no weights are downloaded)."""
+    commands = _quickstart_commands()
+    quick = [c for c in commands if "--quick" in c]
+    full = [c for c in commands if "--quick" not in c and c[2].startswith("t2l_fast/samples/")]
+    assert len(full) >= 5 and len(quick) >= len(full) + 1  # + the smoke run
+    twins = [_without(c, "--out", "--atlas") for c in quick]
+    for command in full:
+        assert _without(command, "--out", "--atlas") in twins, command
+    for command in commands:  # outputs go under out/, never into the checkout
+        assert "--out" not in command or command[command.index("--out") + 1].startswith("out/"), command
+
+    (tmp_path / "t2l_fast").symlink_to(ROOT / "t2l_fast")  # the samples, as in a checkout
+    monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    atlas = tmp_path / "atlas"
-    small = ("--frames", "6", "--device", "cpu")
-    fit = [
-        "atlas",
-        "t2l_fast/samples/clip/frames",
-        "--masks",
-        "t2l_fast/samples/clip/masks",
-        "--out",
-        str(atlas),
-    ]
-    result = runner.invoke(cli.app, [*fit, "--size", "192x108", "--iterations", "10", *small])
-    assert result.exit_code == 0, result.output
-    data = AtlasData.load(atlas / "atlas.safetensors")
-    assert (data.num_frames, data.width, data.height) == (6, 192, 108)
-    assert not data.foreground_is_empty(0.5)  # the masks made a foreground layer
-    out = tmp_path / "cup"
-    edit = ["edit", "t2l_fast/samples/clip/frames", "--atlas", str(atlas), "--layer", "foreground"]
-    prompts = ["--prompt", "a golden cup", "--roi-prompt", "cup", "--clip", "test-tiny", "--steps", "1"]
-    result = runner.invoke(cli.app, [*edit, *prompts, *small, "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert (out / "edited.mp4").is_file() and (out / "atlas_edit.png").is_file()
+    for command in quick:
+        args = command[1:]
+        if args[0] == "edit" and "--clip" not in args:
+            args += ["--clip", "test-tiny"]
+        result = runner.invoke(cli.app, args)
+        assert result.exit_code == 0, (command, result.output)
+        out = tmp_path / args[args.index("--out") + 1]
+        wanted = {"edit": ("composite.png", "edited.mp4"), "atlas": ("atlas.safetensors",)}[args[0]]
+        assert any((out / name).is_file() for name in wanted), (command, sorted(out.iterdir()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t2l_fast"]
+    atlas = AtlasData.load(tmp_path / "out/atlas/clip-quick/atlas.safetensors")
+    assert (atlas.num_frames, atlas.width, atlas.height) == (8, 192, 108)
+    assert not atlas.foreground_is_empty(0.5)  # the masks made a foreground layer
 
 
 def test_the_readme_layout_names_every_module():

@@ -16,6 +16,7 @@ from t2l_fast import cli
 from t2l_fast.io import InputError
 from t2l_fast.serve import App, Limits, checkerboard, extract_images, samples
 from t2l_fast.synthetic import two_layer_scene
+from tests.test_cli import _png_header
 
 SMALL = "generator.channels_down=8\ngenerator.channels_up=8\nruntime.log_every=1"
 
@@ -53,6 +54,15 @@ def test_bad_images_get_one_readable_line(app, tmp_path, picture):
     with pytest.raises(InputError, match=r"200x150 .* up to 0.01 MP"):
         small.load_image(picture)
     assert app.load_image(picture).size == (200, 150)
+    for w, h in ((1, 1), (300, 100)):  # refused on upload, not only when Edit is pressed
+        tiny = tmp_path / f"tiny{w}.png"
+        Image.new("RGB", (w, h), (90, 30, 10)).save(tiny)
+        with pytest.raises(InputError, match=rf"tiny{w}.png is {w}x{h} px; .* at least 129 px"):
+            app.load_image(tiny)
+    bomb = tmp_path / "bomb.png"  # past PIL's own refusal, which does not give the size
+    _png_header(bomb, 20000, 12000)
+    with pytest.raises(InputError, match=r"bomb.png is too large \(240 MP\): .* up to 25 MP"):
+        app.load_image(bomb)
     for name, path in samples().items():  # the bundled samples load
         assert min(app.load_image(path).size) >= 129, name
 
@@ -163,7 +173,19 @@ def test_a_failing_run_reports_one_line_and_the_app_serves_on(app, picture, monk
         m.setattr(ImageEditor, "train", boom)
         with pytest.raises(InputError, match="the run failed: RuntimeError: out of memory"):
             list(app.edit_image("s4", picture, image_config(app)))
-    assert "done: 1 steps" in list(app.edit_image("s4", picture, image_config(app, steps=1)))[-1]["status"]
+    assert (
+        "done: 1 step, final loss"
+        in list(app.edit_image("s4", picture, image_config(app, steps=1)))[-1]["status"]
+    )
+
+
+def test_a_long_prompt_is_said_on_the_page_during_and_after_the_run(app, picture):
+    words = " ".join(f"word{i}" for i in range(60)) + " finalword"
+    cfg = app.image_config(words, steps=2, advanced={"views.n_aug": 1.0}, more=SMALL)
+    statuses = [u["status"] for u in app.edit_image("s5", picture, cfg) if "status" in u]
+    said = [s for s in statuses if "note: the prompt is longer than CLIP's 77 tokens" in s]
+    assert said == statuses and "finalword" in statuses[-1], statuses  # on every status, the last too
+    assert "done: 2 steps" in statuses[-1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,6 +286,29 @@ def test_runs_share_one_queue_of_one_and_checks_do_not_wait(app):
     assert all(f.concurrency_id == RUN_QUEUE and f.concurrency_limit == 1 for f in runs)
     for name in ("check", "load", "stop"):
         assert all(f.concurrency_limit is None for f in fns[name]), name
+
+
+def test_every_run_and_cancel_gets_its_session(app):
+    """Gradio injects gr.Request into positional parameters only: a handler that took it after
+    ``*values`` ran as session "default", and its Cancel found nothing to cancel."""
+    import inspect
+
+    import gradio as gr
+    from gradio.helpers import special_args
+
+    from t2l_fast.serve_page import build_page
+
+    page = build_page(app)
+    request = gr.Request(username="someone")
+    checked = []
+    for fn in page.fns.values():
+        if "request" not in inspect.signature(fn.fn).parameters:
+            continue
+        n = len(fn.inputs)
+        inputs, *_ = special_args(fn.fn, [f"value {i}" for i in range(n)], request=request)
+        assert request in inputs and len(inputs) == n + 1, fn.name
+        checked.append(fn.name)
+    assert sorted(checked) == ["edit", "edit", "run_fit", "stop", "stop"], checked
 
 
 def test_serve_says_in_one_line_when_the_port_is_taken():

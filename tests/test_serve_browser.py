@@ -1,6 +1,8 @@
 """The web page in a real headless browser (Debian's chromium + chromedriver, driven by selenium):
 start ``t2l-fast serve --clip test-tiny``, upload the bundled sample, run a 2-step edit, check the
-result images and the download, then check that a bad upload shows its message.
+result images and the download; start a 500-step edit and press Cancel: it stops within a few steps
+and keeps its result; then check that a bad upload and an image too small to edit show their
+message (without error badges on the outputs).
 
 Never skipped: without the browser (``apt-get install chromium chromium-driver``) or selenium this
 test fails and says what to install. ``T2L_SCREENSHOT=docs/serve.png`` also saves the finished page.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from t2l_fast.serve import samples
 
@@ -156,6 +160,38 @@ def test_edit_in_the_browser(server, browser, tmp_path):
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(shot)
 
+    # Cancel during a long run: it stops within a few steps and keeps its result (a new download)
+    first_zip = link.get_attribute("href")
+    _type(driver, "#steps input", "500")
+    _type(driver, "#preview-every input", "0")
+    driver.find_element(By.CSS_SELECTOR, "#run").click()
+    running = re.compile(r"step (\d+) / 500")
+    seen = _wait(
+        lambda: running.search(driver.find_element(By.CSS_SELECTOR, "#status").text), 300, "step 1", driver
+    )
+    driver.find_element(By.CSS_SELECTOR, "#cancel").click()
+    at_click = int(seen.group(1))
+    cancelled = re.compile(r"cancelled after (\d+) of 500 steps")
+    done = _wait(
+        lambda: cancelled.search(driver.find_element(By.CSS_SELECTOR, "#status").text),
+        300,
+        "the run to stop",
+        driver,
+    )
+    assert at_click <= int(done.group(1)) <= at_click + 3, (at_click, done.group(0))
+
+    def new_download():
+        found = driver.find_element(By.CSS_SELECTOR, "#download a[href*='.zip']")
+        return found if found.get_attribute("href") != first_zip else None
+
+    link = _wait(new_download, 60, "the cancelled run's download", driver)
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=30) as reply:
+        names = set(zipfile.ZipFile(io.BytesIO(reply.read())).namelist())
+    assert {"composite.png", "generator.safetensors"} <= names, names
+    src = driver.find_element(By.CSS_SELECTOR, "#composite img").get_attribute("src")
+    with urllib.request.urlopen(src, timeout=30) as reply:
+        assert reply.read(8) == b"\x89PNG\r\n\x1a\n"
+
     # a bad upload, on a fresh page: one readable message, and the server keeps serving
     bad = tmp_path / "notes.txt"
     bad.write_text("this is not an image")
@@ -167,5 +203,30 @@ def test_edit_in_the_browser(server, browser, tmp_path):
     message = "notes.txt is not an image file"
     _wait(lambda: message in driver.find_element(By.TAG_NAME, "body").text, 60, "the message", driver)
     assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+
+    # an image too small to edit: refused on upload; pressing Edit then leaves no "waiting for the
+    # device" and no error badge on the outputs (the notices' own title is the one "Error" on the page)
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (200, 120, 40)).save(tiny)
+    driver.get(server)
+    upload = _wait(
+        lambda: driver.find_element(By.CSS_SELECTOR, "#image-upload input[type=file]"), 60, "the page", driver
+    )
+    upload.send_keys(str(tiny))
+    message = "tiny.png is 1x1 px; the generator needs at least 129 px on each side"
+    _wait(lambda: message in driver.find_element(By.TAG_NAME, "body").text, 60, "the message", driver)
+    _type(driver, "#prompt textarea", "a golden cat")
+    driver.find_element(By.CSS_SELECTOR, "#run").click()
+    _wait(
+        lambda: "upload an image" in driver.find_element(By.TAG_NAME, "body").text,
+        60,
+        "Edit's answer",
+        driver,
+    )
+    time.sleep(2)  # time for a wrong update to arrive
+    assert "waiting for the device" not in driver.find_element(By.CSS_SELECTOR, "#status").text
+    lines = driver.find_element(By.TAG_NAME, "body").text.splitlines()
+    assert lines.count("Error") <= 1, lines
+
     with urllib.request.urlopen(server, timeout=30) as reply:
         assert reply.status == 200

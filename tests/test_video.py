@@ -79,6 +79,33 @@ def test_edit_runs_and_renders_every_frame(scene, tiny_clip, layer, mode):
     torch.testing.assert_close(result.composite, expected.composite.clamp(0, 1), atol=1e-5, rtol=0)
 
 
+def test_crop_downscale_feeds_the_generator_a_smaller_atlas(scene, tiny_clip, monkeypatch):
+    """video.crop_downscale=2: the generator sees the atlas crop and the render's atlas at half their
+    size; the edit still covers the whole atlas and every frame."""
+    data, frames = scene
+    cfg = small_video_config(steps=1)
+    cfg.video.crop_downscale = 2
+    crops, inputs = [], []
+    draw, at_least = CropSampler.draw, video_pipeline._at_least
+
+    def spy_draw(self, gen):
+        crops.append(draw(self, gen))
+        return crops[-1]
+
+    def spy_at_least(net, x, smallest):
+        inputs.append(tuple(x.shape[-2:]))
+        return at_least(net, x, smallest)
+
+    monkeypatch.setattr(CropSampler, "draw", spy_draw)
+    monkeypatch.setattr(video_pipeline, "_at_least", spy_at_least)
+    result = VideoEditor(cfg, device="cpu", clip=tiny_clip)(frames, atlas=data)
+    h, w = crops[0].atlas.shape[-2:]
+    assert inputs[0] == (h // 2, w // 2)  # the step's atlas crop
+    atlas_h, atlas_w = data.atlas_image("background").shape[1:]
+    assert inputs[-1] == (atlas_h // 2, atlas_w // 2)  # the render
+    assert result.atlas_edit.shape[1:] == (atlas_h, atlas_w) and result.composite.shape == frames.shape
+
+
 def test_background_edit_is_occluded_by_the_foreground(scene, tiny_clip):
     data, frames = scene
     result = VideoEditor(small_video_config(steps=1), device="cpu", clip=tiny_clip)(frames, atlas=data)

@@ -4,6 +4,8 @@ two-layer model and NLA's losses. The result is an :class:`~t2l_fast.models.atla
 >>> from t2l_fast.fit import fit_atlas  # doctest: +SKIP
 >>> atlas, stats = fit_atlas(frames, masks)  # doctest: +SKIP
 >>> atlas.save("out/atlas.safetensors")  # doctest: +SKIP
+>>> masks = masks_from_box(frames, (x, y, w, h), flow=flow)  # doctest: +SKIP
+>>> masks = masks_from_motion(frames, flow=flow)  # no box: the object found from its motion  # doctest: +SKIP
 """
 
 from .fit import (
@@ -18,6 +20,14 @@ from .fit import (
 )
 from .flow import FlowField, chain_similarities, compute_flow, consistency
 from .masks import read_masks
+from .segment import (
+    NoMovingObject,
+    masks_from_box,
+    masks_from_motion,
+    motion_evidence,
+    region_similarity,
+    write_masks,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -25,12 +35,18 @@ __all__ = [
     "FitResult",
     "FitStats",
     "FlowField",
+    "NoMovingObject",
     "chain_similarities",
     "check_inputs",
     "compute_flow",
     "consistency",
     "fit_atlas",
+    "masks_from_box",
+    "masks_from_motion",
+    "motion_evidence",
     "read_masks",
+    "region_similarity",
     "reconstruct",
     "reconstruction_psnr",
+    "write_masks",
 ]

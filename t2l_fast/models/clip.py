@@ -41,6 +41,21 @@ class ClipWeightsError(InputError):
     """CLIP weights missing, unreachable or not trustworthy."""
 
 
+def bicubic_matrix(out: int, size: int, device: torch.device | None = None) -> torch.Tensor:
+    """(out, size): resampling ``size`` samples to ``out`` along one axis as ``F.interpolate(mode=
+    "bicubic", align_corners=False)`` does (cubic convolution, a = -0.75, taps clamped at the border)."""
+    a = -0.75
+    real = (torch.arange(out, device=device, dtype=torch.float32) + 0.5) * (size / out) - 0.5
+    first = torch.floor(real)
+    t = (real - first).unsqueeze(1)
+    d = torch.cat([t + 1, t, 1 - t, 2 - t], dim=1)  # distance to each of the four taps
+    near = ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+    weights = torch.cat([far[:, :1], near[:, 1:3], far[:, 3:]], dim=1)  # (out, 4)
+    taps = (first.long().unsqueeze(1) + torch.arange(-1, 3, device=device)).clamp(0, size - 1)
+    return (F.one_hot(taps, size).to(weights.dtype) * weights.unsqueeze(2)).sum(dim=1)
+
+
 class Clip(nn.Module):
     """A frozen open_clip CLIP with the image forward Text2LIVE needs.
 
@@ -108,12 +123,12 @@ class Clip(nn.Module):
     def _interpolated_pos(self, gh: int, gw: int, dtype: torch.dtype) -> torch.Tensor:
         pos = self.model.visual.positional_embedding.detach()  # (1 + g*g, D)
         g = int(round((pos.shape[0] - 1) ** 0.5))
-        cls, grid = pos[:1], pos[1:]
-        # no branch on the grid size (a compiled graph would specialise on it): bicubic resampling
-        # to the native g x g grid is the identity, exactly (tested)
-        grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)
+        cls, grid = pos[:1], pos[1:].reshape(g, g, -1).float()
+        # bicubic resampling as two small matrices (one per axis): a few ops in a compiled graph at
+        # any grid size, where a traced F.interpolate(bicubic) is hundreds; no branch on the size
+        # (to the native g x g grid the matrices are the identity, exactly: tested)
+        rows, cols = bicubic_matrix(gh, g, grid.device), bicubic_matrix(gw, g, grid.device)
+        grid = torch.einsum("hi,wj,ijd->hwd", rows, cols, grid).reshape(gh * gw, -1)
         return torch.cat([cls, grid.to(cls.dtype)], dim=0).to(dtype)
 
     def _pos_embedding(self, gh: int, gw: int, dtype: torch.dtype) -> torch.Tensor:

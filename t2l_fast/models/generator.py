@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import GeneratorConfig
 
@@ -36,9 +35,13 @@ def _act() -> nn.LeakyReLU:
     return nn.LeakyReLU(0.2)
 
 
-def _centre_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    dh, dw = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
-    return x[:, :, dh : dh + h, dw : dw + w]
+def _upsample_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Bilinear upsampling by exactly 2 (align_corners=False), keeping the top-left (h, w): the same
+    values as ``interpolate(scale_factor=2)`` then a centred crop to (h, w) (the stride-2 conv gives
+    ceil(n / 2), so the doubled map has n or n + 1 pixels and the centred crop starts at 0). One op
+    with the output size given: a compiled graph needs no guard on whether a crop happens, so one
+    dynamic graph serves every input size."""
+    return torch.ops.aten.upsample_bilinear2d.default(x, [h, w], False, 2.0, 2.0)
 
 
 class _Level(nn.Module):
@@ -75,11 +78,8 @@ class _Level(nn.Module):
         deep = self.down(x)
         if self.inner is not None:
             deep = self.inner(deep)
-        deep = F.interpolate(deep, scale_factor=2, mode="bilinear", align_corners=False)
-        # the stride-2 conv gives ceil(n / 2), so the upsampled map is never smaller than this
-        # level's input: crop it to x's size (the skip branch has that size already). Sizes taken
-        # from x alone keep a compiled graph free of min() guards.
-        deep = _centre_crop(deep, x.shape[2], x.shape[3])
+        # doubled and cropped to x's size (the skip branch has that size already), sizes from x alone
+        deep = _upsample_to(deep, x.shape[2], x.shape[3])
         if self.skip is None:
             return self.up(deep)
         return self.up(torch.cat([self.skip(x), deep], dim=1))

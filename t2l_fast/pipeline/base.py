@@ -79,7 +79,9 @@ class Editor:
 
     config: the default settings of its runs (the ``PRESET`` by default); device: ``auto``, ``cuda``
     or ``cpu``; dtype: autocast dtype of generator and CLIP (None: from ``runtime.precision``);
-    clip: an already built :class:`Clip` (tests inject the tiny one), else loaded on first use.
+    clip: an already built :class:`Clip` (tests inject the tiny one), or a model name (``ViT-B-32``,
+    ``test-tiny``: sets ``config.clip`` of the editor's copy of the config), else ``config.clip``
+    loaded on first use.
     """
 
     PRESET = "image"
@@ -89,9 +91,12 @@ class Editor:
         config: Config | None = None,
         device: str | torch.device = "auto",
         dtype: torch.dtype | None = None,
-        clip: Clip | None = None,
+        clip: Clip | str | None = None,
     ):
         self.config = config or preset(self.PRESET)
+        if isinstance(clip, str):  # a model name: loaded on first use, as config.clip is
+            self.config = copy.deepcopy(self.config)
+            self.config.clip, clip = clip, None
         self.device = resolve_device(device)
         self.dtype = dtype
         self._clip = clip.to(self.device) if clip is not None else None
@@ -127,17 +132,11 @@ class Editor:
 
     @staticmethod
     def objective(clip: Clip, cfg: Config, engine: Engine) -> Objective:
-        """Reference mode: the loss as the original computes it. Fast path: batched, compiled CLIP
-        (its inputs are whole-patch views of a few sizes: static at first, one dynamic recompile)."""
+        """Reference mode: the loss as the original computes it. Fast path: batched, its views, CLIP
+        and losses one compiled region (see :meth:`Engine.compiled`)."""
         if not engine.fast:
             return Objective(clip, cfg, batched=False)
-        return Objective(
-            clip,
-            cfg,
-            batched=True,
-            encode_image=engine.compiled(clip.encode_image, dynamic=None),
-            encode_tokens=engine.compiled(clip.encode_tokens, dynamic=None),
-        )
+        return Objective(clip, cfg, batched=True, compile=engine.compiled)
 
     @staticmethod
     def _result_fields(cfg: Config, generator, history, interrupted: bool, is_test: bool) -> dict:

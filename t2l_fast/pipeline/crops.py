@@ -40,7 +40,7 @@ def foreground_boxes(alpha: torch.Tensor, threshold: float, border: int, smalles
 class Crop:
     atlas: torch.Tensor  # (1, 3, h, w) the atlas crop the generator sees
     grid: torch.Tensor  # (3, hc, wc, 2) where each window pixel samples that crop (grid_sample convention)
-    frames: torch.Tensor  # (3, 3, hc, wc) the frame windows (foreground: the object over black)
+    frames: torch.Tensor  # (3, 3, hc, wc) the frame windows
     opacity: torch.Tensor  # (3, hc, wc) the layer's opacity there
 
 
@@ -61,9 +61,8 @@ class CropSampler:
         self.view = run.atlas.to(device).layer(self.layer)  # atlas image, texels, opacity of the layer
         self.opacity = self.view.opacity  # (T, H, W)
         self.texels = self.view.texels  # (T, H, W, 2) indices into the layer's atlas image
-        frames = run.frames.to(device)
-        # foreground: train on the object over black (the reference's choice)
-        self.train_frames = frames * self.opacity[:, None] if self.layer == "foreground" else frames
+        # the frames as they are: the losses' source side (the original's atlas sample, unmasked)
+        self.train_frames = run.frames.to(device)
         # a host copy for the atlas-crop boxes: a step reads no value back from the device
         self.host_texels = self.texels.cpu()
         self.atlas_image = self.view.atlas.float()  # (3, h, w)
@@ -113,9 +112,10 @@ class CropSampler:
 
     def reconstruction(self, crop: Crop, k: int) -> torch.Tensor:
         """(1, 3, hc, wc): window ``k`` of the layer alone — the background atlas sampled there (the
-        original's background reconstruction), or the object over black."""
+        original's background reconstruction), or the object over black (frames × A, the original's
+        foreground reconstruction)."""
         if self.layer == "foreground":
-            return crop.frames[k : k + 1]
+            return crop.frames[k : k + 1] * crop.opacity[k : k + 1, None]
         rec = F.grid_sample(crop.atlas, crop.grid[k : k + 1], mode="bilinear", align_corners=False)
         return rec.clamp(0, 1)
 

@@ -5,8 +5,9 @@ The image and video editors share this; it knows nothing of where the crops come
 - ``reference``: eager, fp32, the torch references of the fused ops, each loss and example fed to
   CLIP on its own — the baseline that stands for the original method's cost.
 - ``fast``: every view of a step in as few CLIP calls as possible, source-side results reused,
-  few shapes (bucketed examples, whole-patch views), torch.compile of generator and CLIP,
-  bf16 autocast with fp32 master weights, the Triton kernels, no host sync inside a step.
+  bucketed examples, three regions compiled with dynamic shapes (generator, training crop,
+  objective: see :meth:`Engine.compiled`), bf16 autocast for generator and CLIP with fp32 master
+  weights and fp32 elsewhere, the Triton kernels, no host sync inside a step.
 """
 
 from __future__ import annotations
@@ -77,13 +78,18 @@ class Engine:
         (Triton on CUDA; ``T2L_KERNELS`` still decides when set)."""
         return contextlib.nullcontext() if self.fast else implementation("torch")
 
-    def compiled(self, fn, dynamic: bool | None):
-        """``torch.compile(fn)`` on the fast path (``dynamic=None``: static first, then dynamic
-        sizes after one recompile), else ``fn`` itself."""
+    def compiled(self, fn):
+        """``torch.compile(fn)`` on the fast path, else ``fn`` itself.
+
+        The compile plan, decided before step 0: every region is compiled with dynamic shapes from
+        its first call (``dynamic=True``), so the crops' and views' changing sizes reuse one graph
+        instead of a static graph, a recompile to dynamic, and one per size class. The regions: the
+        generator, the training crop, and the objective (views, CLIP, losses); their graph count is
+        tested at the real sizes (tests/test_compile_plan.py)."""
         if not self.compile:
             return fn
         mode = "reduce-overhead" if self.cudagraphs and self.backend == "inductor" else None
-        return torch.compile(fn, dynamic=dynamic, backend=self.backend, mode=mode)
+        return _with_eager_fallback(torch.compile(fn, dynamic=True, backend=self.backend, mode=mode), fn)
 
     @staticmethod
     def backward(loss: torch.Tensor) -> torch.Tensor:
@@ -142,6 +148,27 @@ class Engine:
                 log.warning("falling back to fp32 after %d non-finite steps in a row", self._consecutive_bad)
                 self.amp_dtype = None
         return flags
+
+
+def _with_eager_fallback(compiled, fn):
+    """``compiled``, or ``fn`` itself from the first call whose compilation fails: one warning, the
+    run goes on eagerly (a compile problem on a new device or version must not end an edit). An
+    error of the code itself then surfaces from the eager call."""
+    current = [compiled]
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+
+    def call(*args, **kwargs):
+        try:
+            return current[0](*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if current[0] is fn:
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            log.warning("torch.compile of %s failed (%s): running it eagerly", name, first)
+            current[0] = fn
+            return fn(*args, **kwargs)
+
+    return call
 
 
 class StepRecord(Mapping):

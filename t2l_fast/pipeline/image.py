@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..augment import draw_example
+from ..augment import draw_example, render_crop
 from ..io import (
     InputError,
     check_not_flat,
@@ -134,11 +134,13 @@ class ImageEditor(Editor):
         clip, engine = self._start(run)
         source = run.source.to(device)
         generator = Generator(cfg.generator).to(device)
-        run_generator = engine.compiled(generator, dynamic=None)  # a few bucketed sizes
+        run_generator = engine.compiled(generator)
+        run_crop = engine.compiled(render_crop)
         objective = self.objective(clip, cfg, engine)
 
         def examples_of_step(step: int, gen: torch.Generator):
-            crops = [(draw_example(source, cfg.data, gen, generator.min_side, engine.bucket), None)]
+            crop = draw_example(source, cfg.data, gen, generator.min_side, engine.bucket, render=run_crop)
+            crops = [(crop, None)]
             if step % cfg.data.source_every == 0:
                 crops.append((source, ("source",)))  # the un-augmented input: its targets are cached
             for crop, key in crops:

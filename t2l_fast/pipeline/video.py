@@ -8,8 +8,9 @@ composites at each tap over the frame. The generator also runs on one frame crop
 ``data.source_every`` steps on the whole atlas. The objective is the image editor's.
 
 The edit's opacity in frame space is multiplied by the layer's opacity: the NLA alpha A for a
-foreground edit, 1 - A for a background edit (so the foreground occludes it). Foreground edits see
-the object over black during training (the reference's choice: CLIP judges the object alone).
+foreground edit, 1 - A for a background edit (so the foreground occludes it). During training a
+foreground edit is rendered as the reference does: over the frame, then multiplied by A (the object
+over black, CLIP judges it alone), against the unmasked frames on the source side.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ class VideoEditor(Editor):
         device, cfg = self.device, run.config
         clip, engine = self._start(run)
         generator = Generator(cfg.generator).to(device)
-        run_generator = engine.compiled(generator, dynamic=None)
+        run_generator = engine.compiled(generator)
         sampler = CropSampler(run, device, generator.min_side, engine.bucket)
         objective = self.objective(clip, cfg, engine)
         foreground = cfg.video.layer == "foreground"
@@ -220,23 +221,41 @@ class VideoEditor(Editor):
         def generate(x: torch.Tensor) -> torch.Tensor:
             return _at_least(run_generator, x, generator.min_side).float()
 
-        def jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            """The original's crop augmentation: colour jitter (0.1) with probability data.jitter_p."""
-            if float(torch.rand(1, generator=gen)) < cfg.data.jitter_p:
-                return apply_colour(x, ColourParams.draw(1, 1.0, 0.1, 0.0, gen).to(x.device))
-            return x
+        shrink = cfg.video.crop_downscale
+
+        def jitter(x: torch.Tensor, gen: torch.Generator, also: torch.Tensor | None = None):
+            """The original's crop augmentation: colour jitter (0.1) with probability data.jitter_p,
+            applied to ``x`` (and with the same factors to each image of ``also``)."""
+            if float(torch.rand(1, generator=gen)) >= cfg.data.jitter_p:
+                return x, also
+            colour = ColourParams.draw(1, 1.0, 0.1, 0.0, gen).to(x.device)
+            if also is None:
+                return apply_colour(x, colour), None
+            every = colour.map(lambda t: t.expand(len(also), *t.shape[1:]))
+            return apply_colour(x, colour), apply_colour(also, every)
 
         def examples_of_step(step: int, gen: torch.Generator):
             crop = sampler.draw(gen)
-            atlas_in = jitter(crop.atlas, gen)
+            # the frames the losses see take the atlas crop's jitter: the original samples them from
+            # the jittered crop
+            atlas_in, seen = jitter(crop.atlas, gen, crop.frames)
             flip = float(torch.rand(1, generator=gen)) < cfg.data.flip_p
+            atlas_in = _downscaled(atlas_in, shrink)  # the fused op samples any size (normalised UVs)
             rgba = generate(atlas_in.flip(-1) if flip else atlas_in)
             rgba = rgba.flip(-1) if flip else rgba
-            out = sample_atlas(rgba[0], crop.grid, crop.frames, crop.opacity)
+            if foreground:
+                # the original renders the layer over its own input, samples it, then multiplies by
+                # A: A·a·C + (1 - a)·A·F (its alpha A·a and green screen are the fused op's own)
+                out = sample_atlas(rgba[0], crop.grid, seen, crop.opacity)
+                plain = sample_atlas(rgba[0], crop.grid, seen, None)
+                composite = crop.opacity[:, None] * plain.composite
+            else:
+                out = sample_atlas(rgba[0], crop.grid, seen, crop.opacity)
+                composite = out.composite
             a = out.alpha.float()
             frames = Layers(
-                crop.frames,
-                out.composite,
+                seen,
+                composite,
                 out.greenscreen,
                 out.alpha,
                 a.mean(dim=(1, 2, 3)),
@@ -246,7 +265,7 @@ class VideoEditor(Editor):
             # (background: the atlas sampled there, without the object; foreground: the object over
             # black), jittered and flipped like the atlas crop; a foreground output is multiplied by A
             k = int(torch.randint(3, (1,), generator=gen))
-            src = jitter(sampler.reconstruction(crop, k), gen)
+            src, _ = jitter(sampler.reconstruction(crop, k), gen)
             a_k = crop.opacity[k : k + 1, None]
             if flip:
                 src, a_k = src.flip(-1), a_k.flip(-1)
@@ -254,8 +273,13 @@ class VideoEditor(Editor):
             if foreground:
                 one = one * a_k
             direct = Layers.from_rgba(one, src)
-            batch = Layers.cat([frames, direct])
             whole = (step + 1) % cfg.data.source_every == 0
+            # the bootstrap term as the original computes it in effect: its loss assigns instead of
+            # adding, so only the step's last example counts (the whole atlas, else the direct crop),
+            # divided by the number of examples
+            frames.bootstrap_share = (0.0,) * len(frames)
+            direct.bootstrap_share = (0.0 if whole else 1.0,)
+            batch = Layers.cat([frames, direct])
             n = len(batch) + (1 if whole else 0)
             yield batch, None, len(batch) / n
             if whole:
@@ -281,7 +305,14 @@ class VideoEditor(Editor):
         engine = self.engine
         region = sampler.region_image  # (1, 3, h, w): foreground: the object's part of the atlas
         with engine.autocast():
-            rgba = sampler.to_full(_at_least(generator, region, generator.min_side).float())
+            rgba = _at_least(
+                generator, _downscaled(region, run.config.video.crop_downscale), generator.min_side
+            )
+            if rgba.shape[-2:] != region.shape[-2:]:
+                rgba = F.interpolate(
+                    rgba.float(), size=region.shape[-2:], mode="bilinear", align_corners=False
+                )
+            rgba = sampler.to_full(rgba.float())
         atlas_out = composite_rgba(rgba, sampler.atlas_image[None])
         composite = torch.empty_like(run.frames)
         greenscreen = torch.empty_like(composite)
@@ -299,6 +330,14 @@ class VideoEditor(Editor):
             layer=sampler.layer,
             **self._result_fields(run.config, generator, history, interrupted, is_test),
         )
+
+
+def _downscaled(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, h, w) at 1/``factor`` of its size (antialiased), or itself for a factor of 1."""
+    if factor <= 1:
+        return x
+    size = (max(1, x.shape[-2] // factor), max(1, x.shape[-1] // factor))
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def _at_least(net, x: torch.Tensor, smallest: int) -> torch.Tensor:
