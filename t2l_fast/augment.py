@@ -383,6 +383,15 @@ class ViewParams:
         return ViewParams(geometry, crop, colour, size)
 
 
+def _resampled(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``images`` resampled to ``size``, bilinear and antialiased; themselves at their own size (the
+    same values: resampling to the same size is the identity). Under torch.compile it always runs,
+    so that a graph has no branch on sizes."""
+    if torch.compiler.is_compiling() or tuple(size) != tuple(images.shape[-2:]):
+        return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return images
+
+
 def resample_size(image_hw: tuple[int, int], view_hw: tuple[int, int], min_cover: float) -> tuple[int, int]:
     """The size :func:`make_views` first resamples an (h, w) image to, antialiased, so that the
     smallest crop is resampled at about 1:1 (bilinear warping alone would alias); (h, w) itself
@@ -412,8 +421,7 @@ def make_views(
     h, w = images.shape[-2:]
     if base is None:
         base = resample_size((h, w), params.size, min_cover)
-    if torch.compiler.is_compiling() or base != (h, w):
-        images = F.interpolate(images, size=base, mode="bilinear", antialias=True, align_corners=False)
+    images = _resampled(images, base)
     if b > 1:
         images = images.repeat_interleave(len(params) // b, dim=0)
     views = warp(images, params.geometry, params.size, fill=fill, crop=params.crop)
@@ -477,10 +485,8 @@ def draw_crop(
 def render_crop(image: torch.Tensor, crop: CropDraw) -> torch.Tensor:
     """The training crop ``crop`` (parameters on the image's device) of ``image`` (1, 3, H, W). No
     branch on sizes when compiled: the resampling always runs there."""
-    if torch.compiler.is_compiling() or crop.resample != tuple(image.shape[-2:]):
-        image = F.interpolate(image, size=crop.resample, mode="bilinear", antialias=True, align_corners=False)
     p = crop.params
-    return apply_colour(warp(image, p.geometry, p.size, fill=None, crop=p.crop), p.colour)
+    return apply_colour(warp(_resampled(image, crop.resample), p.geometry, p.size, crop=p.crop), p.colour)
 
 
 def draw_example(

@@ -88,9 +88,8 @@ def atlas(
         CHECKPOINT_NAME,
         NoMovingObject,
         compute_flow,
+        find_masks,
         fit_atlas,
-        masks_from_box,
-        masks_from_motion,
         read_masks,
         write_masks,
     )
@@ -143,12 +142,9 @@ def atlas(
     if auto or box is not None:
         try:
             flow = compute_flow(video_frames, cfg.flow_preset)  # the fit reuses it
-            if auto:
-                typer.echo("finding the moving object from the flow ...", err=True)
-                mask_tensor = masks_from_motion(video_frames, flow=flow)
-            else:
-                typer.echo("segmenting the object in the box and following it ...", err=True)
-                mask_tensor = masks_from_box(video_frames, box, flow=flow)
+            how = "finding the moving object from the flow" if auto else "following the object in the box"
+            typer.echo(how + " ...", err=True)
+            mask_tensor = find_masks(video_frames, None if auto else box, flow=flow)
             out.mkdir(parents=True, exist_ok=True)
             mask_dir, mask_video = write_masks(out, video_frames, mask_tensor, fps)
         except NoMovingObject as exc:

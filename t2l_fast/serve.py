@@ -523,9 +523,8 @@ class App:
             FitConfig,
             NoMovingObject,
             compute_flow,
+            find_masks,
             fit_atlas,
-            masks_from_box,
-            masks_from_motion,
             read_masks,
             write_masks,
         )
@@ -586,10 +585,7 @@ class App:
                 flow = compute_flow(video_frames, cfg.flow_preset)
                 check()
                 try:
-                    if find == "auto":
-                        found["masks"] = masks_from_motion(video_frames, flow=flow)
-                    else:
-                        found["masks"] = masks_from_box(video_frames, box, flow=flow)
+                    found["masks"] = find_masks(video_frames, box if find == "box" else None, flow=flow)
                 except NoMovingObject as exc:
                     emit("masks", (None, f"note: {exc}; fitting a background-only atlas"))
                 else:

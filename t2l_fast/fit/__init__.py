@@ -22,6 +22,7 @@ from .flow import FlowField, chain_similarities, compute_flow, consistency
 from .masks import read_masks
 from .segment import (
     NoMovingObject,
+    find_masks,
     masks_from_box,
     masks_from_motion,
     motion_evidence,
@@ -43,6 +44,7 @@ __all__ = [
     "fit_atlas",
     "masks_from_box",
     "masks_from_motion",
+    "find_masks",
     "motion_evidence",
     "read_masks",
     "region_similarity",

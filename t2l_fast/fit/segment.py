@@ -442,6 +442,17 @@ def masks_from_motion(
     return torch.from_numpy(np.stack(masks))
 
 
+def find_masks(
+    frames: torch.Tensor, box: tuple[int, int, int, int] | None = None, flow: FlowField | None = None
+) -> torch.Tensor:
+    """The object's masks (T, H, W) bool: followed from ``box`` on the first frame
+    (:func:`masks_from_box`), or without a box found from its motion (:func:`masks_from_motion`,
+    which raises :class:`NoMovingObject` when nothing moves unlike the camera)."""
+    if box is None:
+        return masks_from_motion(frames, flow=flow)
+    return masks_from_box(frames, box, flow=flow)
+
+
 def region_similarity(masks: torch.Tensor, truth: torch.Tensor) -> float:
     """J: the mean over frames of intersection over union (a frame where both are empty counts 1)."""
     m, g = masks.bool(), truth.bool()
