@@ -19,7 +19,8 @@ the projected seconds of a full 1000-step (video 3000-step) edit INCLUDING warm-
 peak GPU memory, FLOPs per step (torch's flop counter, one eager step) and the fraction of the
 device's dense bf16 peak. Modes: ``reference``, ``fast``, ``fast-torch-kernels`` (--kernel-ablation:
 the fast path with the torch references instead of the Triton kernels), ``fast-cudagraphs``
-(--cudagraphs-ablation: runtime.cudagraphs on). Each fast mode starts from ``torch._dynamo.reset()``;
+(--cudagraphs-ablation: runtime.cudagraphs and runtime.prefetch on). Each fast mode starts from
+``torch._dynamo.reset()``;
 the first one in the process compiles against the inductor cache in ``--cache-dir`` (pass an empty
 folder for a cold-cache figure). ``--warm-start`` then runs the fast mode again in a fresh process on
 the same cache: the warm-cache start (process start to the first step, warm-up and compile seconds).
@@ -155,8 +156,8 @@ def run_mode(mode: str, clip: Clip, inputs, args, device: torch.device) -> dict:
     import torch._dynamo
 
     cfg = make_config(mode, args.warmup + args.steps, args.size, args.smoke, args.preset)
-    if mode == "fast-cudagraphs":
-        cfg.runtime.cudagraphs = True
+    if mode == "fast-cudagraphs":  # the capturable step: CUDA graphs and the draws made ahead
+        cfg.runtime.cudagraphs = cfg.runtime.prefetch = True
     previous = os.environ.get("T2L_KERNELS")
     if mode == "fast-torch-kernels":
         os.environ["T2L_KERNELS"] = "torch"

@@ -212,21 +212,60 @@ def _packed(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
 
 
+class Staging:
+    """Fixed host buffers (pinned on CUDA) that the step's draws are sent from, reused in turn: no
+    ``pin_memory()`` (a fresh page-locked allocation) per transfer. A buffer is written again only
+    after the copy out of it has finished (its event, recorded ``slots`` transfers earlier: the host
+    may run that many transfers ahead of the device before it waits). Every copy is a new device
+    tensor (``copy=True``), so nothing sent aliases a buffer."""
+
+    def __init__(self, slots: int = 32):
+        self.buffers: list[torch.Tensor | None] = [None] * slots
+        self._events: list = [None] * slots
+        self._next = 0
+
+    def send(self, flat: torch.Tensor, device: torch.device) -> torch.Tensor:
+        i = self._next
+        self._next = (i + 1) % len(self.buffers)
+        cuda = device.type == "cuda"
+        if self._events[i] is not None:
+            self._events[i].synchronize()  # the copy out of this slot, long done in a steady run
+        buf = self.buffers[i]
+        if buf is None or buf.numel() < flat.numel():
+            buf = torch.empty(max(flat.numel(), 256), dtype=flat.dtype, pin_memory=cuda)
+            self.buffers[i] = buf
+        _staged(buf, flat)
+        out = buf[: flat.numel()].to(device, non_blocking=True, copy=True)
+        if cuda:
+            self._events[i] = torch.cuda.Event()
+            self._events[i].record()
+        return out
+
+
+@host_side
+def _staged(buf: torch.Tensor, flat: torch.Tensor) -> None:
+    buf[: flat.numel()].copy_(flat)
+
+
+_STAGING: dict[torch.device, Staging] = {}
+
+
 def to_device(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-    """Host tensors -> ``device`` in ONE copy (a pinned buffer sent non-blocking on CUDA), so the
-    random parameters of a step cost one transfer and no sync. Packed as float32 on the host
-    (float64 arrives as float32, exact for integers below 2**24): floats arrive as views of the one
-    buffer; bool and integer dtypes are kept (one conversion each)."""
+    """Host tensors -> ``device`` in ONE copy (from a fixed pinned buffer, :class:`Staging`, sent
+    non-blocking on CUDA), so the random parameters of a step cost one transfer and no sync. Packed
+    as float32 on the host (float64 arrives as float32, exact for integers below 2**24): floats
+    arrive as views of the one buffer; bool and integer dtypes are kept (one conversion each)."""
     device = torch.device(device)
     if not tensors:
         return []
     flat = _packed(tensors)
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
+    if device.type == "cpu":
+        sent = flat.to(device, non_blocking=True)  # already there (and a fresh tensor)
+    else:
+        sent = _STAGING.setdefault(device, Staging()).send(flat, device)
     out, start = [], 0
     for t in tensors:
-        part = flat[start : start + t.numel()].view(t.shape)
+        part = sent[start : start + t.numel()].view(t.shape)
         start += t.numel()
         if t.dtype == torch.bool:
             out.append(part > 0.5)

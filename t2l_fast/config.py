@@ -119,6 +119,7 @@ class RuntimeConfig:
     compile: str = "auto"  # auto (on in fast mode on CUDA) | on | off
     compile_backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager" to debug)
     cudagraphs: bool = False  # compile with mode="reduce-overhead" (fast mode on CUDA)
+    prefetch: bool = False  # draw the next steps' random choices ahead on a thread (image edits)
     attention: str = "sdpa"  # sdpa | xformers (optional extra; falls back to sdpa when unusable)
     bucket: int = 64  # fast mode: training-example sides rounded to a multiple of this (fixed shapes)
     log_every: int = 10  # read the loss records / NaN-guard flags back to the host every N steps

@@ -388,16 +388,29 @@ class Objective:
             return self_similarity(self.encode_tokens(self._structure_view(source)))
 
     # -- the objective ----------------------------------------------------------------------------
+    def plan(self, step: int, hw: tuple[int, int], gen: torch.Generator, b: int = 1) -> StepDraw:
+        """The random choices of a call at ``step`` for ``b`` examples of size ``hw``, on the host
+        (what :meth:`__call__` draws first; a training loop may draw them ahead of the step)."""
+        lc = self.cfg.loss
+        weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap, lc.bootstrap_schedule)
+        return self.draw(b, hw, gen, weight)
+
     def __call__(
-        self, layers: Layers, step: int, gen: torch.Generator, cache_key: tuple | None = None
+        self,
+        layers: Layers,
+        step: int,
+        gen: torch.Generator,
+        cache_key: tuple | None = None,
+        draw: StepDraw | None = None,
     ) -> dict[str, torch.Tensor]:
         """-> {term: scalar}; "loss" is the weighted total. Terms are means over the examples.
 
-        The step's randomness is drawn first, on the host, and sent to the device in one copy;
-        :meth:`compute` is then tensor work only (it traces as one graph on the fast path)."""
-        lc = self.cfg.loss
-        weight = bootstrap_weight(step, self.bootstrap_steps, lc.lambda_bootstrap, lc.bootstrap_schedule)
-        draw = self.draw(len(layers), tuple(layers.source.shape[-2:]), gen, weight)
+        The step's randomness is drawn first, on the host (:meth:`plan`, unless ``draw`` brings it),
+        and sent to the device in one copy; :meth:`compute` is then tensor work only (it traces as
+        one graph on the fast path)."""
+        if draw is None:
+            draw = self.plan(step, tuple(layers.source.shape[-2:]), gen, len(layers))
+        weight = float(draw.bootstrap)  # the host's copy
         return self.compute(layers, draw.to(layers.source.device), weight, cache_key)
 
     def compute(

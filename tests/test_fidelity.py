@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from t2l_fast.kernels import GREEN
 
 from t2l_fast import losses
-from t2l_fast.augment import ViewParams, draw_example, make_views, view_size, whole_patches
+from t2l_fast.augment import ViewParams, draw_example, make_views, render_crop, view_size, whole_patches
 from t2l_fast.config import DataConfig, preset
 from t2l_fast.io import to_image_tensor
 from t2l_fast.losses import Layers, Objective, cosine_criterion, expand_templates
@@ -73,7 +73,7 @@ def test_image_fast_path_equals_reference_term_by_term(tiny_clip, monkeypatch):
         editor = ImageEditor(cfg, device="cpu", clip=tiny_clip)
         return editor(source).losses
 
-    original = draw_example
+    original = render_crop
 
     def spy(image, *args, **kwargs):
         out = original(image, *args, **kwargs)
@@ -82,7 +82,7 @@ def test_image_fast_path_equals_reference_term_by_term(tiny_clip, monkeypatch):
 
     import t2l_fast.pipeline.image as image_module
 
-    monkeypatch.setattr(image_module, "draw_example", spy)
+    monkeypatch.setattr(image_module, "render_crop", spy)
     reference = run("reference")
     fast = run("fast")
     assert len(set(seen_sizes[:5])) >= 4  # the crops really differ from step to step

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,6 +50,9 @@ class Engine:
             self.amp_dtype = None
         self.compile = self.fast and (runtime.compile == "on" or (runtime.compile == "auto" and cuda))
         self.cudagraphs = self.compile and cuda and runtime.cudagraphs
+        # a capturable step: gradients keep their memory (zeroed in place, not freed)
+        self.static_grads = self.cudagraphs
+        self.prefetch = runtime.prefetch
         self.bucket = runtime.bucket if self.fast else 1
         self.attention = runtime.attention
         self.backend = runtime.compile_backend
@@ -71,7 +76,8 @@ class Engine:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # CUDA graph capture does not allow autocast's weight-cast cache
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.cudagraphs)
 
     def kernels(self):
         """Reference mode forces the torch references of the fused ops; the fast path dispatches
@@ -125,7 +131,7 @@ class Engine:
             applied = ok.clone()
             if bool(ok):  # host sync: only optimizers without a device-side skip
                 optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not self.static_grads)
         self._pending.append(applied)
         return applied
 
@@ -171,21 +177,43 @@ def _with_eager_fallback(compiled, fn):
     return call
 
 
+class RecordBuffer:
+    """A device buffer the steps' loss terms are written into, in order, until the next read-back:
+    one ``stack`` into a slice per example, no allocation per step, nothing that points into a
+    compiled region's (CUDA graph's) output memory. A full buffer is replaced by a fresh one (the
+    records written so far keep theirs), so nothing is overwritten before it is read."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._buf: torch.Tensor | None = None
+        self._pos = 0
+
+    def write(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """The fp32 values (0-dim tensors on one device), stacked into the buffer: their slice."""
+        n, device = len(values), values[0].device
+        if self._buf is None or self._buf.device != device or self._pos + n > len(self._buf):
+            self._buf = torch.empty(max(self.capacity, n), device=device)
+            self._pos = 0
+        out = self._buf[self._pos : self._pos + n]
+        torch.stack([v.detach().float().reshape(()) for v in values], out=out)
+        self._pos += n
+        return out
+
+
 class StepRecord(Mapping):
     """One step's loss record, {term: float}, read from the device only when first looked at.
 
-    Holds the stacked (unweighted) fp32 term values of each example with its weight; the floats are
-    ``sum over examples of weight * value`` in Python double, in example order (as before)."""
+    Holds the (unweighted) fp32 term values of each example, as a slice of a :class:`RecordBuffer`,
+    with its weight; the floats are ``sum over examples of weight * value`` in Python double, in
+    example order (as before)."""
 
-    def __init__(self):
+    def __init__(self, buffer: RecordBuffer | None = None):
+        self._buffer = buffer or RecordBuffer(capacity=16)
         self._parts: list[tuple[tuple[str, ...], torch.Tensor, float]] = []
         self._values: dict[str, float] | None = None
 
     def add(self, terms: dict[str, torch.Tensor], weight: float) -> None:
-        keys = tuple(terms)
-        self._parts.append(
-            (keys, torch.stack([v.detach().float().reshape(()) for v in terms.values()]), weight)
-        )
+        self._parts.append((tuple(terms), self._buffer.write(list(terms.values())), weight))
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for _, t, _ in self._parts]
@@ -234,6 +262,52 @@ def resolve_records(records: list[StepRecord]) -> list[dict[str, float]]:
     return [dict(r._values) for r in records]  # type: ignore[arg-type]
 
 
+class Prefetcher:
+    """The plans of the steps (``plan_of_step(step, gen)``: host draws only), made ahead on a
+    thread, ``depth`` at most, and handed out in step order. One thread draws from ``gen`` in the
+    same order as the loop would: the numbers are those of drawing inline."""
+
+    def __init__(self, plan_of_step, steps: int, gen: torch.Generator, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._work, args=(plan_of_step, steps, gen), name="t2l-fast-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _work(self, plan_of_step, steps: int, gen: torch.Generator) -> None:
+        for step in range(steps):
+            try:
+                item = (plan_of_step(step, gen), None)
+            except Exception as exc:  # handed to the loop, raised there
+                item = (None, exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[1] is not None:
+                return
+
+    def __next__(self):
+        plan, exc = self._queue.get()
+        if exc is not None:
+            raise exc
+        return plan
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _plans(plan_of_step, steps: int, gen: torch.Generator, prefetch: bool):
+    """The steps' plans: drawn ahead on a thread (``prefetch``) or as each step starts."""
+    if prefetch:
+        return Prefetcher(plan_of_step, steps, gen)
+    return (plan_of_step(step, gen) for step in range(steps))
+
+
 def optimise(
     engine: Engine,
     generator: torch.nn.Module,
@@ -242,6 +316,7 @@ def optimise(
     optim_cfg,
     seed: int,
     *,
+    plan_of_step=None,
     on_step=None,
     after_step=None,
     progress: bool = False,
@@ -251,6 +326,9 @@ def optimise(
 
     ``examples_of_step(step, gen)`` yields the step's examples as (Layers, cache_key, weight)
     tuples (it runs the generator lazily); the loss is the weighted sum of the objective's terms.
+    With ``plan_of_step(step, gen)`` (the step's random choices, host work only) the examples are
+    ``examples_of_step(step, plan)`` and may carry a fourth item, the objective's draw; the plans
+    are drawn ahead on a thread when ``engine.prefetch`` (:class:`Prefetcher`: the same numbers).
     Each example is back-propagated as soon as its loss exists, so a step holds the activations of
     one example at a time (the gradient is the same as that of the summed loss). MADGRAD with the
     exponential schedule (``optim_cfg``), as :class:`~t2l_fast.optim.FusedMADGRAD`: the schedule
@@ -276,6 +354,7 @@ def optimise(
         min_lr=optim_cfg.min_lr,
     )
     records: list[StepRecord] = []
+    buffer = RecordBuffer()
     flushed = 0
     interrupted = False
     log.info("training: %s", engine.describe())
@@ -290,19 +369,23 @@ def optimise(
         bar.update(len(records) - flushed)
         flushed = len(records)
 
+    plans = None if plan_of_step is None else _plans(plan_of_step, optim_cfg.steps, gen, engine.prefetch)
     try:
         with engine.kernels():
             for step in range(optim_cfg.steps):
-                record = StepRecord()
+                if engine.cudagraphs:  # a new step: the graphs' outputs of the last one are dead
+                    torch.compiler.cudagraph_mark_step_begin()
+                record = StepRecord(buffer)
                 finite = None
-                examples = examples_of_step(step, gen)
+                examples = examples_of_step(step, gen if plans is None else next(plans))
                 while True:
                     with engine.autocast():  # the generator runs when the next example is drawn
                         example = next(examples, None)
                         if example is None:
                             break
-                        layers, key, weight = example
-                        terms = objective(layers, step, gen, cache_key=key)
+                        layers, key, weight, *drawn = example
+                        given = {"draw": drawn[0]} if drawn else {}
+                        terms = objective(layers, step, gen, cache_key=key, **given)
                     record.add(terms, weight)
                     ok = engine.backward(weight * terms["loss"])
                     finite = ok if finite is None else finite & ok
@@ -318,6 +401,8 @@ def optimise(
         interrupted = True
         log.warning("interrupted after %d steps: keeping the current result", len(records))
     finally:
+        if isinstance(plans, Prefetcher):
+            plans.close()
         flush()
         bar.close()
     return resolve_records(records), interrupted

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..augment import draw_example, render_crop
+from ..augment import draw_crop, render_crop
 from ..io import (
     InputError,
     check_not_flat,
@@ -138,13 +138,23 @@ class ImageEditor(Editor):
         run_crop = engine.compiled(render_crop)
         objective = self.objective(clip, cfg, engine)
 
-        def examples_of_step(step: int, gen: torch.Generator):
-            crop = draw_example(source, cfg.data, gen, generator.min_side, engine.bucket, render=run_crop)
-            crops = [(crop, None)]
-            if step % cfg.data.source_every == 0:
-                crops.append((source, ("source",)))  # the un-augmented input: its targets are cached
-            for crop, key in crops:
-                yield Layers.from_rgba(run_generator(crop).float(), crop), key, 1.0 / len(crops)
+        hw = tuple(source.shape[-2:])
+
+        def plan_of_step(step: int, gen: torch.Generator):
+            """The step's random choices, on the host: the training crop (the draws of
+            :func:`~t2l_fast.augment.draw_example`), then the objective's for each example."""
+            crop = draw_crop(hw, cfg.data, gen, generator.min_side, engine.bucket)
+            draws = [objective.plan(step, crop.params.size, gen)]
+            if step % cfg.data.source_every == 0:  # the un-augmented input: its targets are cached
+                draws.append(objective.plan(step, hw, gen))
+            return crop, draws
+
+        def examples_of_step(step: int, plan):
+            crop, draws = plan
+            images = [(run_crop(source, crop.to(device)), None), (source, ("source",))][: len(draws)]
+            for (image, key), draw in zip(images, draws, strict=True):
+                rgba = run_generator(image).float()
+                yield Layers.from_rgba(rgba, image), key, 1.0 / len(draws), draw
 
         def after_step(step: int) -> None:
             if on_preview and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
@@ -155,6 +165,7 @@ class ImageEditor(Editor):
             generator,
             objective,
             examples_of_step,
+            plan_of_step=plan_of_step,
             on_step=on_step,
             after_step=after_step,
             progress=progress,
