@@ -121,12 +121,13 @@ def make_input(kind: str, size: int, smoke: bool):
 
 
 def edit_once(kind: str, cfg, device, clip, inputs, on_step=None):
+    """One edit; ``on_step``: the editors' step-end callback."""
     if kind == "image":
         editor = ImageEditor(cfg, device=device, clip=clip)
-        return editor, editor(inputs, on_step=on_step)
+        return editor, editor(inputs, callback=on_step)
     frames, data = inputs
     editor = VideoEditor(cfg, device=device, clip=clip)
-    return editor, editor(frames, atlas=data, on_step=on_step)
+    return editor, editor(frames, atlas=data, callback=on_step)
 
 
 def count_flops(clip: Clip, inputs, args, device: torch.device) -> float:
@@ -169,7 +170,8 @@ def run_mode(mode: str, clip: Clip, inputs, args, device: torch.device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    def on_step(step: int, record) -> None:
+    def on_step(state) -> None:  # the editors' step-end callback
+        step = state.step
         # Clock reads only at the warm-up boundary and every --block steps (plus the last): the record
         # is not read, so this adds no sync of its own elsewhere.
         since = step - (args.warmup - 1)

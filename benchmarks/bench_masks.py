@@ -1,13 +1,15 @@
 """Object-mask benchmark (``t2l_fast.fit.masks_from_box`` / ``masks_from_motion``): quality and time.
 
     python benchmarks/bench_masks.py [--video ../shared/data/videos/car-turn ...] [--size 768x432]
-                                     [--frames N] [--no-synthetic] [--out benchmarks/results]
+                                     [--frames N] [--no-synthetic] [--no-shadows] [--out benchmarks/results]
 
 For each clip (a folder with frames/ and masks/, the annotated masks as truth) and for the synthetic
 scene of ``t2l_fast.synthetic.sample_clip`` (exact masks; at the size and at half of it): the DIS
 flow the atlas fit computes anyway (its seconds reported apart), then ``--object`` (the box drawn
 around the first annotated mask) and ``--masks auto``, each with its region similarity J (mean IoU
 over frames) and its seconds beyond the flow; for scale, J of the first frame's box held still.
+``--no-shadows`` measures both modes with the cast shadow left in (``shadows=False``: without
+``t2l_fast.fit.segment.remove_shadows``).
 CPU only (OpenCV). Prints a table and writes ``masks-<stamp>.json`` with versions and commit.
 Default: car-turn, all 70 frames at 768x432.
 """
@@ -53,18 +55,18 @@ def box_of(mask: torch.Tensor) -> tuple[int, int, int, int]:
     return x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1
 
 
-def measure(name: str, frames: torch.Tensor, truth: torch.Tensor) -> dict:
+def measure(name: str, frames: torch.Tensor, truth: torch.Tensor, shadows: bool = True) -> dict:
     """Flow, both modes and the still-box reference on one clip; prints and returns its record."""
     if not truth[0].any():
         raise SystemExit(f"{name}: the first annotated mask is empty; --object needs a box on frame 0")
     flow = compute_flow(frames)
     box = box_of(truth[0])
     t0 = time.perf_counter()
-    by_box = masks_from_box(frames, box, flow=flow)
+    by_box = masks_from_box(frames, box, flow=flow, shadows=shadows)
     box_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
-        by_motion = masks_from_motion(frames, flow=flow)
+        by_motion = masks_from_motion(frames, flow=flow, shadows=shadows)
     except NoMovingObject:
         by_motion = torch.zeros_like(truth)
     motion_s = time.perf_counter() - t0
@@ -75,6 +77,7 @@ def measure(name: str, frames: torch.Tensor, truth: torch.Tensor) -> dict:
         "clip": name,
         "frames": int(frames.shape[0]),
         "size": [int(frames.shape[3]), int(frames.shape[2])],
+        "shadows": shadows,
         "flow_s": round(flow.seconds, 2),
         "object_box": list(box),
         "object_J": round(region_similarity(by_box, truth), 4),
@@ -100,9 +103,11 @@ def main() -> None:
     p.add_argument("--size", default="768x432", help="WIDTHxHEIGHT the clips are measured at")
     p.add_argument("--frames", type=int, default=None, help="only the first N frames (default all)")
     p.add_argument("--no-synthetic", action="store_true", help="skip the synthetic scenes")
+    p.add_argument("--no-shadows", action="store_true", help="leave the cast shadows in the masks")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
     size = parse_size(args.size)
+    shadows = not args.no_shadows
 
     records = []
     for video in args.video:
@@ -115,14 +120,14 @@ def main() -> None:
             (native.shape[3], native.shape[2]),
             frames_truncated=args.frames is not None,
         )
-        records.append(measure(video.name, frames, truth))
+        records.append(measure(video.name, frames, truth, shadows))
     if not args.no_synthetic:  # the sample clip's scene: a cup sliding over a panning photograph
         frames, truth = sample_clip(24, size)
-        records.append(measure(f"synthetic cup {size[0]}x{size[1]}", to_uint8(frames), truth))
+        records.append(measure(f"synthetic cup {size[0]}x{size[1]}", to_uint8(frames), truth, shadows))
         half = (size[1] // 2, size[0] // 2)  # the same scene, downscaled
         frames = F.interpolate(frames, size=half, mode="bilinear", antialias=True, align_corners=False)
         truth = F.interpolate(truth[:, None].float(), size=half, mode="area")[:, 0] > 0.5
-        records.append(measure(f"synthetic cup {half[1]}x{half[0]}", to_uint8(frames), truth))
+        records.append(measure(f"synthetic cup {half[1]}x{half[0]}", to_uint8(frames), truth, shadows))
 
     print("\n| clip | frames | size | flow s | --object J | s | --masks auto J | s | box held still J |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")

@@ -118,7 +118,8 @@ def measure(cfg, clip: Clip, device: torch.device, profile_steps: int = 3) -> di
     prof = profile(activities=[ProfilerActivity.CPU])
     start = time.perf_counter()
 
-    def on_step(step: int, record) -> None:
+    def on_step(state) -> None:  # the editors' step-end callback
+        step = state.step
         stamps.append(time.perf_counter())
         graphs.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
         if step == first_profiled - 1:
@@ -128,7 +129,7 @@ def measure(cfg, clip: Clip, device: torch.device, profile_steps: int = 3) -> di
 
     cpu_conv = torch.backends.mkldnn.flags(enabled=device.type != "cpu")
     with cpu_conv:
-        result = ImageEditor(cfg, device=device, clip=clip)(synthetic_image(512), on_step=on_step)
+        result = ImageEditor(cfg, device=device, clip=clip)(synthetic_image(512), callback=on_step)
     ops = eager_device_ops(prof.events())
     seconds = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     return {

@@ -17,8 +17,9 @@
 # (TORCH_LOGS=recompiles in its log), warm-cache start | kernel tests on the GPU (TRITON_INTERPRET=0)
 # | profile of steady fast steps | the ablations (torch kernels, CUDA graphs on) | bench_kernels at
 # the pipeline's shapes | bench_edit video 70x768x432 | bench_atlas (car-turn, 70 frames 768x432)
-# | bench_batch. The dry run adds compile_plan: the same compile plan at the real shapes (aot_eager,
-# narrow widths), its graph count and what that lets the GPU's cold compile cost at worst.
+# | bench_variants (1, 4, 8 variants together) | bench_batch. The dry run adds compile_plan: the same
+# compile plan at the real shapes (aot_eager, narrow widths), its graph count and what that lets the
+# GPU's cold compile cost at worst.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -165,6 +166,7 @@ if [ "$MODE" = gpu ]; then
     part edit_video 90 45 '$PY benchmarks/bench_edit.py --preset video --steps 30 --warmup 10 --modes reference,fast \
         --cache-dir "$TORCHINDUCTOR_CACHE_DIR" --out "$P"'
     part bench_atlas 90 40 '$PY benchmarks/bench_atlas.py --video "$VIDEO" --frames 70 --size 768x432 --iterations 500,2000 --out "$P"'
+    part bench_variants 90 45 '$PY benchmarks/bench_variants.py --ns 1,4,8 --steps 15 --out "$P"'
     if [ -f benchmarks/bench_batch.py ]; then
         part bench_batch 90 45 '$PY benchmarks/bench_batch.py --jobs 2 --steps 10 --nproc 1 --out "$P"'
     fi
@@ -187,6 +189,7 @@ else
         echo "| bench_atlas | skipped (no $CLIP_DIR clip here) | 0 | 0 |" >>"$SUMMARY"
         publish
     fi
+    part bench_variants 90 10 '$PY benchmarks/bench_variants.py --smoke --out "$P"'
     if [ -f benchmarks/bench_batch.py ]; then
         # its --reduced run is long for a CI budget and has its own test: here only the invocation
         part bench_batch 60 10 '$PY benchmarks/bench_batch.py --help'

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = make_input(args.preset, args.size, args.smoke)
     state: dict = {}
 
-    def on_step(step: int, record) -> None:
+    def on_step(end) -> None:  # the editors' step-end callback
+        step = end.step
         if step == args.warmup - 1:  # warm-up done: start profiling the next steps
             _sync(device)
             state["prof"] = profile(activities=activities, record_shapes=False)

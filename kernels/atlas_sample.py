@@ -32,7 +32,7 @@ atlases compute in fp64 (gradcheck).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -315,7 +315,7 @@ def _atlas_fwd(atlas: torch.Tensor, uv: torch.Tensor, frames: torch.Tensor, opac
     if 4 * ha * wa >= 2**31:
         raise ValueError(f"sample_atlas: atlas {ha}x{wa} too large for int32 texel coordinates")
     n_pix = t * h * w
-    kw = dict(device=atlas.device, dtype=atlas.dtype)
+    kw: dict[str, Any] = dict(device=atlas.device, dtype=atlas.dtype)
     edit = torch.empty((t, 3, h, w), **kw)
     alpha = torch.empty((t, 1, h, w), **kw)
     comp = torch.empty((t, 3, h, w), **kw)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,8 @@ class RuntimeConfig:
     compile_backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager" to debug)
     cudagraphs: bool = False  # compile with mode="reduce-overhead" (fast mode on CUDA)
     prefetch: bool = False  # draw the next steps' random choices ahead on a thread (image edits)
+    variants_per_run: int = 0  # variants trained together at most (0: what memory holds; CPU: 2)
+    stack_variants: str = "auto"  # variants' generators as one vmapped call: auto (on CUDA) | on | off
     attention: str = "sdpa"  # sdpa | xformers (optional extra; falls back to sdpa when unusable)
     bucket: int = 64  # fast mode: training-example sides rounded to a multiple of this (fixed shapes)
     log_every: int = 10  # read the loss records / NaN-guard flags back to the host every N steps
@@ -138,7 +142,8 @@ class Config:
     screen_prompt: str | list[str] | None = None  # T_screen: the edit layer alone; defaults to prompt
     roi_prompt: str | list[str] | None = None  # T_ROI: the region of interest in the source (src_text)
     bootstrap_prompt: str | None = None  # relevancy text; defaults to the (first) ROI prompt
-    seed: int = 0
+    seed: int = 0  # the generator's initialisation (and the draws' unless draw_seed is set); -1: random
+    draw_seed: int | None = None  # the augmentation draws (crops, views); None: seed
     clip: str = "ViT-B-32"  # open_clip model name, or "test-tiny"
     clip_weights: str | None = None  # local weights file; None: OpenAI weights from the HF hub
     preview_every: int = 0  # write a preview image every N steps (0: never)
@@ -160,7 +165,9 @@ class Config:
         if self.bootstrap_prompt:
             return self.bootstrap_prompt
         roi = self.roi_prompt
-        return roi[0] if isinstance(roi, list) and roi else roi or None
+        if isinstance(roi, list):
+            return roi[0] if roi else None
+        return roi or None
 
     @property
     def effective_bootstrap_steps(self) -> int:
@@ -183,18 +190,28 @@ class Config:
             return not items or any(not isinstance(v, str) or not v.strip() for v in items)
 
         if blank(self.prompt):
-            raise InputError("the prompt is empty: pass --prompt 'a golden cat' (or comp_text in the config)")
+            raise InputError(
+                "the prompt is empty: enter a prompt, e.g. --prompt 'a golden cat' "
+                "(or comp_text in the config)"
+            )
         for name in ("screen_prompt", "roi_prompt", "bootstrap_prompt"):
             value = getattr(self, name)
             if value is not None and blank(value):
                 raise InputError(f"{name} is empty: give it some text or leave it out")
         if self.loss.bootstrap_steps > 0 and self.effective_bootstrap_prompt is None:
             raise InputError(
-                "the relevancy bootstrap needs the region to edit: pass --roi-prompt 'cat' "
+                "the relevancy bootstrap needs the ROI prompt (the region to edit): pass --roi-prompt 'cat' "
                 "(or bootstrap_prompt)"
             )
         if self.optim.steps <= 0:
-            raise InputError(f"steps must be > 0 (got {self.optim.steps}): pass e.g. --steps 1000")
+            raise InputError(
+                f"steps must be > 0 (got {self.optim.steps}): the number of steps must be a whole number, "
+                "e.g. --steps 1000"
+            )
+        if self.video.frames is not None and self.video.frames <= 0:
+            raise InputError(f"frames must be > 0 (got {self.video.frames})")
+        if self.preview_every < 0:
+            raise InputError(f"preview_every must be >= 0 (got {self.preview_every}; 0: no previews)")
         if self.views.n_aug < 1:
             raise InputError(f"views.n_aug must be >= 1 (got {self.views.n_aug})")
         if self.data.size < 0:
@@ -211,6 +228,68 @@ class Config:
         if not 0 < self.data.scale_min <= self.data.scale_max:
             raise InputError("data.scale_min must be > 0 and <= data.scale_max")
         return self
+
+
+@dataclass
+class FitConfig:
+    """Settings of the atlas fit (:func:`t2l_fast.fit.fit_atlas`, ``t2l-fast atlas``). Fields marked
+    (shape) change the model and must match on resume."""
+
+    iterations: int = 2000
+    batch: int | None = None  # pixels per step; None: 65536 on CUDA, 8192 on the CPU
+    seed: int = 0
+    # learning rates (Adam) and their decay
+    lr_texture: float = 0.03
+    lr_alpha: float = 0.1
+    lr_residual: float = 1e-3
+    lr_affine: float = 3e-4
+    lr_final: float = 0.1  # the learning rates decay exponentially to this fraction
+    # loss weights (NLA's / 5000)
+    w_rgb: float = 1.0
+    w_gradient: float = 0.2
+    w_flow: float = 1e-3
+    w_alpha_flow: float = 0.01
+    w_rigidity: float = 2e-4
+    w_sparsity: float = 0.2
+    w_bootstrap: float = 0.4
+    bootstrap_until: float = 0.15  # fraction of the iterations with the mask bootstrap
+    foreground_samples: float = 0.25  # fraction of each batch drawn from around the masks
+    # model (shape)
+    residual_cells: tuple[float, ...] = (64.0, 16.0)
+    alpha_cells: tuple[float, ...] = (16.0, 4.0, 1.0)
+    texture_levels: int = 3
+    max_scale: float = 0.8  # NLA's uv_mapping_scale: frame width -> 0.8 of the atlas side at most
+    # flow and output
+    flow_preset: str = "medium"
+    grid: int | None = None  # atlas resolution R; None: 2000 · max(W, H) / 768
+    save_every: int = 250  # checkpoint period (iterations) when resume_dir is given
+    compile: str = "auto"  # "auto" (CUDA only), "on", "off": RuntimeConfig.compile, for the fit's step
+    log_every: int = 25  # progress-bar refresh period
+
+    def __post_init__(self) -> None:
+        self.residual_cells = tuple(float(c) for c in self.residual_cells)
+        self.alpha_cells = tuple(float(c) for c in self.alpha_cells)
+
+    def validate(self) -> FitConfig:
+        """Raise InputError for values no fit can use. Returns self."""
+        if self.iterations < 0:
+            raise InputError(f"iterations must be >= 0, got {self.iterations}")
+        if self.batch is not None and self.batch < 16:
+            raise InputError(f"batch must be >= 16, got {self.batch}")
+        if self.compile not in CHOICES["runtime.compile"]:
+            raise InputError(f"compile must be auto, on or off, got {self.compile!r}")
+        return self
+
+    def shape_key(self) -> dict:
+        """The settings a checkpoint must agree on to be resumed."""
+        return {
+            "residual_cells": list(self.residual_cells),
+            "alpha_cells": list(self.alpha_cells),
+            "texture_levels": self.texture_levels,
+            "max_scale": self.max_scale,
+            "seed": self.seed,
+            "flow_preset": self.flow_preset,
+        }
 
 
 # The allowed values of the string settings that are choices.
@@ -328,42 +407,55 @@ REFERENCE_KEYS: dict[str, str | _Fixed | None] = {
 }
 
 
-def _field_types(obj: Any) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(obj)}
+def _field_types(obj: Any) -> dict[str, Any]:
+    """The fields of a settings dataclass and their types (resolved from the annotations)."""
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
-def _coerce(value: Any, annotation: str, key: str) -> Any:
-    """Convert ``value`` (from YAML, or a string from the CLI) to the field's annotated type."""
-    optional = annotation.endswith("| None")
-    kind = annotation.replace("| None", "").strip()
-    if kind.startswith("str | list[str]"):
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML, or a string from the CLI) to the field's type ``hint``: str, bool,
+    int, float, ``str | list[str]`` (a prompt or a list of prompts), ``tuple[float, ...]``, each
+    optionally ``| None``."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)]
+    kind = kinds[0]
+    if list[str] in kinds:  # a prompt, or a list of prompts
         if isinstance(value, (list, tuple)):
             return [str(v) for v in value]
-        kind = "str"
-    if isinstance(value, str) and kind != "str":
+        kind = str
+    if isinstance(value, str) and kind is not str:
         value = None if value.strip().lower() in ("", "none", "null", "~") else yaml.safe_load(value)
     if value is None:
         if optional:
             return None
         raise InputError(f"config key {key!r} needs a value")
-    if kind == "str":
+    if kind is str:
         return str(value)
-    if kind == "bool":
+    if kind is bool:
         if not isinstance(value, bool):
             raise InputError(f"config key {key!r} expects true/false, got {value!r}")
         return value
-    if kind in ("int", "float"):
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"config key {key!r} expects a number, got {value!r}")
-        if kind == "int" and float(value) != int(value):
-            raise InputError(f"config key {key!r} expects an integer, got {value!r}")
-        return int(value) if kind == "int" else float(value)
+    if kind in (int, float):
+        return _number(value, kind, key)
+    if typing.get_origin(kind) is tuple:  # tuple[float, ...]
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_number(v, typing.get_args(kind)[0], key) for v in items)
     return value
+
+
+def _number(value: Any, kind: type, key: str) -> int | float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"config key {key!r} expects a number, got {value!r}")
+    if kind is int and float(value) != int(value):
+        raise InputError(f"config key {key!r} expects an integer, got {value!r}")
+    return int(value) if kind is int else float(value)
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
@@ -379,10 +471,10 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
             if parsed not in allowed:
                 raise InputError(f"config key {key!r}={parsed!r} is not supported (only {allowed[0]!r})")
             return
-        if key == "bootstrap_epoch" and _coerce(value, "int", key) <= 0:
+        if key == "bootstrap_epoch" and _coerce(value, int, key) <= 0:
             value = 0
         if key in ("finetune_background", "finetune_foreground"):
-            if not _coerce(value, "bool", key):
+            if not _coerce(value, bool, key):
                 return
             value = key.removeprefix("finetune_")
         if key in ("bootstrap_text", "screen_text", "src_text") and value in ("", []):
@@ -397,7 +489,7 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(obj, part)):
                 raise InputError(f"config key {key!r} is a section: set one of its keys, e.g. {key}.<name>")
-            value = _coerce(value, str(fields[part].type), key)
+            value = _coerce(value, fields[part], key)
             _check_choice(".".join(parts[-2:]), value, given)
             setattr(obj, part, value)
         else:

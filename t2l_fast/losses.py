@@ -318,6 +318,15 @@ class Objective:
         self._cache: dict[tuple, torch.Tensor] = {}
 
     # -- randomness ---------------------------------------------------------------------------------
+    @property
+    def draw_signature(self) -> tuple:
+        """What decides how many numbers a draw takes and the bootstrap weight: objectives with the
+        same signature draw the same numbers from the same generator."""
+        t = self.texts
+        return tuple(None if x is None else len(x) for x in (t.comp, t.src, t.screen)) + (
+            self.bootstrap_steps,
+        )
+
     def _pick(self, n_total: int, gen: torch.Generator) -> torch.Tensor:
         """A random subset of template indices (random size, drawn with replacement), as the share
         of each template in it (:func:`template_weights`)."""

@@ -11,21 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2l_fast.io import InputError
-from t2l_fast.models.atlas import (
+from t2l_fast.models.atlas import AtlasCheckpointError, AtlasData, TexelBox, texel_box
+from t2l_fast.models.nla import (
     KEY_ALPHA,
     KEY_ATLAS,
     KEY_BACKGROUND_MAPPING,
     KEY_FOREGROUND_MAPPING,
     NLAMLP,
-    AtlasCheckpointError,
-    AtlasData,
     NLAModels,
-    TexelBox,
     load_nla_checkpoint,
     positional_encoding,
     precompute_atlas,
     save_nla_checkpoint,
-    texel_box,
 )
 
 T, H, W = 4, 12, 18  # small video for precompute tests

@@ -12,7 +12,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from t2l_fast import cli_atlas
+from t2l_fast.cli import atlas as cli_atlas
 from t2l_fast.fit import CHECKPOINT_NAME, FitConfig, compute_flow, consistency, fit_atlas
 from t2l_fast.io import InputError
 from t2l_fast.models.atlas import AtlasData
@@ -367,7 +367,7 @@ def test_command_refuses_zero_iterations(on_disk, no_fit):
 
 
 def test_command_quick_settings_are_under_the_flags(on_disk, monkeypatch):
-    from t2l_fast.cli_common import QUICK_ATLAS, QUICK_FIT
+    from t2l_fast.request import QUICK_ATLAS, QUICK_FIT
 
     seen = {}
 

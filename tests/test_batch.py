@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from t2l_fast import batch as batch_mod
 from t2l_fast import cli
+from t2l_fast.cli import batch as batch_command
 from t2l_fast.io import InputError
 from t2l_fast.losses import Objective
 from t2l_fast.models import clip as clip_models
@@ -186,7 +187,7 @@ BAD_MANIFESTS = [
 def test_bad_manifest_is_one_line_before_any_model_loads(tmp_path, no_model, name, text, message):
     manifest = _write(tmp_path / name, text)
     out = tmp_path / "results"
-    result = runner.invoke(batch_mod.app, [str(manifest), "--out", str(out), "--clip", "test-tiny"])
+    result = runner.invoke(batch_command.app, [str(manifest), "--out", str(out), "--clip", "test-tiny"])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
@@ -194,13 +195,13 @@ def test_bad_manifest_is_one_line_before_any_model_loads(tmp_path, no_model, nam
 
 
 def test_missing_manifest_and_out_that_is_a_file(tmp_path, photos, no_model):
-    result = runner.invoke(batch_mod.app, [str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")])
+    result = runner.invoke(batch_command.app, [str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and result.output.strip().endswith(
         f"manifest not found: {tmp_path / 'nope.yaml'} (give a .yaml or .jsonl file of jobs)"
     )
     manifest = _write(tmp_path / "jobs.yaml", "jobs:\n  - {input: photos/cat.png, prompt: x}\n")
     afile = _write(tmp_path / "file.txt", "keep me")
-    result = runner.invoke(batch_mod.app, [str(manifest), "--out", str(afile)])
+    result = runner.invoke(batch_command.app, [str(manifest), "--out", str(afile)])
     assert result.exit_code == 2 and "exists and is not a folder" in result.output
     assert afile.read_text() == "keep me"
 
@@ -221,7 +222,19 @@ def test_batch_gives_the_same_edits_as_separate_edit_runs(tmp_path, photos):
     result = runner.invoke(cli.app, args)  # as `t2l-fast batch`
     assert result.exit_code == 0, result.output
     assert "3 done" in result.output
-    cat = [photos / "cat.png", "--prompt", "golden cat", "--roi-prompt", "cat", "--seed"]
+    # the two cat jobs differ only in seed: trained together, on the first one's draw stream
+    summary = (out / "summary.md").read_text()
+    assert "2 jobs were trained together" in summary and summary.count("(1 of 2 variants)") == 2
+    cat = [
+        photos / "cat.png",
+        "--prompt",
+        "golden cat",
+        "--roi-prompt",
+        "cat",
+        "--set",
+        "draw_seed=0",
+        "--seed",
+    ]
     separate = {
         "cat-golden-cat-s0": [*cat, "0"],
         "cat-golden-cat-s5": [*cat, "5"],

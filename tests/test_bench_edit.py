@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -80,3 +82,19 @@ def test_bench_atlas_defaults_to_the_shipped_sample_clip(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: --video {tmp_path / 'car-turn'} not found" in proc.stderr
+
+
+def test_bench_variants_smoke_writes_each_group_size(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_variants.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(next(tmp_path.glob("variants-*.json")).read_text())
+    assert [r["n"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["lone_seconds"] > 0 and row["group_seconds"] > 0
+        assert row["group_ms_per_step_per_variant"] * row["n"] == pytest.approx(row["group_ms_per_step"])
+    assert "| 2 |" in next(tmp_path.glob("variants-*.md")).read_text()

@@ -65,10 +65,10 @@ def _linear_run(static_grads: bool):
         yield net(x), None, 0.5
         yield net(x[:2] * 2), ("source",), 0.5
 
-    def after_step(step):
+    def on_step(step, record):
         pointers.append([p.grad.data_ptr() if p.grad is not None else None for p in net.parameters()])
 
-    history, _ = optimise(engine, net, Objective(), examples, cfg, 3, after_step=after_step)
+    history, _ = optimise(engine, net, Objective(), examples, cfg, 3, on_step=on_step)
     return history, [p.detach().clone() for p in net.parameters()], pointers
 
 

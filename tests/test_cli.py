@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import t2l_fast
 from t2l_fast import cli
+from t2l_fast.cli import edit as edit_command
 from t2l_fast.losses import Objective
 from t2l_fast.pipeline import base as pipeline_base
 from tests.conftest import FAST_CLI as FAST
@@ -261,15 +262,15 @@ def test_a_run_longer_than_a_day_is_said_before_it_starts(tmp_path, png, no_mode
     result = run(png, "--prompt", "x", "--steps", 10**9, "--out", tmp_path / "o", *FAST)
     assert isinstance(result.exception, AssertionError)  # it went on to load the model (refused here)
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
-    days = 10**9 * cli.STEP_SECONDS["cpu"][0] / 86400
+    days = 10**9 * edit_command.STEP_SECONDS["cpu"][0] / 86400
     assert warnings == [
         f"warning: 1000000000 steps would take more than {days:,.0f} days on cpu (at least 1 s a step); "
         "Ctrl-C stops the run and keeps the result so far"
     ], result.output
     result = run(png, "--prompt", "x", "--steps", 1000, "--out", tmp_path / "o", *FAST)
     assert "warning:" not in result.output  # a normal run: no warning
-    assert cli.long_run_warning(10**9, "cuda", video=True).startswith("warning: 1000000000 steps")
-    assert cli.long_run_warning(86400 // 5, "cpu", video=True) is None  # exactly a day: not more
+    assert edit_command.long_run_warning(10**9, "cuda", video=True).startswith("warning: 1000000000 steps")
+    assert edit_command.long_run_warning(86400 // 5, "cpu", video=True) is None  # exactly a day: not more
 
 
 def test_help_version_and_usage():
@@ -284,3 +285,53 @@ def test_help_version_and_usage():
         assert "<bool>" not in text and "{" not in text and "cuda:N" in " ".join(text.split()), command
     result = runner.invoke(cli.app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"t2l-fast {t2l_fast.__version__}"
+
+
+def test_variants_write_each_edit_and_a_sheet_to_compare(tmp_path, png):
+    out = tmp_path / "looks"
+    result = run(
+        png,
+        "-p",
+        "a golden cat",
+        "-p",
+        "an icy cat",
+        "--seed",
+        2,
+        "--seed",
+        5,
+        "--steps",
+        2,
+        "--out",
+        out,
+        *FAST,
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 variants trained together" in result.output and "NOT a real edit" in result.output
+    names = ["a-golden-cat-s2", "a-golden-cat-s5", "an-icy-cat-s2", "an-icy-cat-s5"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "variants.json", "variants.png"])
+    for name in names:  # each what a lone edit writes, its config re-runnable alone
+        config = (out / name / "config.yaml").read_text()
+        assert "draw_seed: 2" in config and f"seed: {name[-1]}" in config
+        with Image.open(out / name / "composite.png") as img:
+            assert img.size == (200, 150)
+    with Image.open(out / "variants.png") as sheet:
+        assert sheet.width > 3 * 200 * 256 // 150  # source and three variants in the first row
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", "gold", "-p", "gold"], "'gold' given twice"),
+        (["-p", "gold", "-p", " "], "prompt 2 of 2 is empty"),
+        (["-p", "gold", "--seed", 1, "--seed", 1], "seed 1 given twice"),
+        (
+            ["-p", "a", "-p", "b", "-p", "c", "--screen-prompt", "x", "--screen-prompt", "y"],
+            "given 2 times for 3",
+        ),
+    ],
+)
+def test_bad_variants_are_one_line_before_any_model(tmp_path, png, no_model, args, message):
+    out = tmp_path / "out"
+    result = run(png, *args, "--out", out, *FAST)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from t2l_fast.config import Config, load_yaml, parse_overrides, preset
+from t2l_fast.config import Config, FitConfig, load_yaml, parse_overrides, preset
 from t2l_fast.io import InputError
 
 # The reference implementation's full default image config (configs/image_config.yaml), verbatim keys.
@@ -399,6 +399,7 @@ def test_validate_steps(steps):
         ("data", "crop_min_cover", 0.0),
         ("views", "min_cover", 1.5),
         ("data", "scale_min", 2.0),
+        ("video", "frames", 0),
     ],
 )
 def test_validate_other_bad_values(section, name, value):
@@ -438,3 +439,33 @@ def test_effective_bootstrap():
     cfg.loss.bootstrap_steps = 10
     with pytest.raises(InputError, match="--roi-prompt"):
         cfg.validate()
+
+
+def test_validate_preview_every():
+    cfg = _valid()
+    cfg.preview_every = -1
+    with pytest.raises(InputError, match="preview_every must be >= 0"):
+        cfg.validate()
+
+
+# -- the atlas fit's settings ---------------------------------------------------------------------------
+def test_fit_config_validate():
+    assert FitConfig().validate().iterations == 2000
+    FitConfig(iterations=0).validate()  # the library fits zero iterations (the initialisation's atlas)
+    for kwargs, message in (
+        ({"iterations": -1}, "iterations must be >= 0"),
+        ({"batch": 8}, "batch must be >= 16"),
+        ({"compile": "sometimes"}, "compile must be auto, on or off"),
+    ):
+        with pytest.raises(InputError, match=message):
+            FitConfig(**kwargs).validate()
+
+
+def test_types_come_from_the_annotations():
+    """``--set`` converts by the field's type (typing.get_type_hints), tuples of numbers included."""
+    cfg = parse_overrides(FitConfig(), ["residual_cells=[32, 8]", "batch=none", "grid=512"])
+    assert cfg.residual_cells == (32.0, 8.0) and cfg.batch is None and cfg.grid == 512
+    with pytest.raises(InputError, match="expects a number"):
+        parse_overrides(FitConfig(), ["alpha_cells=[1, x]"])
+    cfg = parse_overrides(preset(), ["prompt=[a, b]", "roi_prompt=cat", "clip_weights=none"])
+    assert cfg.prompt == "[a, b]" and cfg.roi_prompt == "cat" and cfg.clip_weights == "none"

@@ -41,6 +41,7 @@ def test_dry_run_runs_every_part_and_packs_the_results(tmp_path):
         "bench_kernels",
         "edit_video",
         "bench_atlas",
+        "bench_variants",
     ]
     if (REPO / "benchmarks" / "bench_batch.py").exists():
         expected.append("bench_batch")

@@ -14,7 +14,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from t2l_fast import cli_atlas
+from t2l_fast.cli import atlas as cli_atlas
 from t2l_fast.fit import (
     NoMovingObject,
     compute_flow,
@@ -24,6 +24,7 @@ from t2l_fast.fit import (
     region_similarity,
     write_masks,
 )
+from t2l_fast.fit.segment import remove_shadows
 from t2l_fast.io import InputError
 from t2l_fast.synthetic import _photo, sample_clip
 
@@ -76,6 +77,37 @@ def disc_scene(t: int = 10, h: int = 96, w: int = 160):
         frames.append(f)
         masks.append(m)
     return (torch.stack(frames) * 255).round().to(torch.uint8), torch.stack(masks)
+
+
+def cart_scene(t: int = 12, h: int = 96, w: int = 160):
+    """A cart (an orange body with dark windows and trim, on two dark tyres) driving 5 px a frame
+    over grey ground below a colourful scene, its soft cast shadow on the ground (0.3 as bright in
+    the umbra) moving with it, under a camera panning 2 px a frame: frames (T, 3, H, W) uint8, the
+    cart's exact masks (no shadow) and the shadow's umbra (T, H, W) bool. The tyres and trim are as
+    dark as the shadow, which the cart's colour model therefore takes in."""
+    wide = w + 2 * t
+    grit = noise_texture(h, wide, 4).mean(0, keepdim=True)
+    ground = (0.55 + 0.15 * (grit - 0.5)).expand(3, h, wide)
+    bg = torch.where(torch.arange(h)[:, None] >= 58, ground, noise_texture(h, wide, 1))
+    paint = (0.35 + 0.65 * noise_texture(h, w, 3)) * torch.tensor([1.0, 0.55, 0.25])[:, None, None]
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    frames, masks, umbra = [], [], []
+    for i in range(t):
+        cx = 35.0 + 5 * i
+        body = (xx - cx).abs().le(26) & (yy >= 30) & (yy <= 62)
+        windows = (yy >= 33) & (yy <= 40) & (xx - cx).abs().ge(4) & (xx - cx).abs().le(22)
+        dark = body & (windows | (yy >= 57))
+        tyres = ((xx - cx).abs() - 16) ** 2 + (yy - 66) ** 2 <= 7**2
+        r = (((xx - cx - 4) / 32) ** 2 + ((yy - 71) / 4) ** 2).sqrt()
+        shade = ((1 - r) / 0.3).clamp(0, 1)  # 1 in the umbra, down to 0 across the penumbra
+        f = bg[:, :, 2 * i : 2 * i + w] * (1 - 0.7 * shade)
+        f = torch.where(body, paint.roll(5 * i, 1), f)
+        f = torch.where(dark, torch.full_like(f, 0.15), f)
+        f = torch.where(tyres, torch.full_like(f, 0.12), f)
+        frames.append(f)
+        masks.append(body | tyres)
+        umbra.append((shade >= 1) & ~(body | tyres))
+    return (torch.stack(frames) * 255).round().to(torch.uint8), torch.stack(masks), torch.stack(umbra)
 
 
 SCENES = {
@@ -136,6 +168,52 @@ def test_masks_from_motion_find_the_object(scene):
     masks = masks_from_motion(frames, flow=flow)
     assert masks.shape == truth.shape and masks.dtype == torch.bool
     assert region_similarity(masks, truth) >= J_MOTION
+
+
+def test_shadow_removal_leaves_masks_without_a_shadow(scene):
+    """No cast shadow in the scene (or none taken in): the true masks come back as they were."""
+    frames, truth, flow = scene
+    assert region_similarity(remove_shadows(frames, truth, flow), truth) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def cart():
+    frames, truth, umbra = cart_scene()
+    return frames, truth, umbra, compute_flow(frames)
+
+
+#: J with the cast shadow taken out on the cart scene (measured 0.90 from the box, 0.88 from motion;
+#: with the shadow kept 0.87 and 0.85; the box held still or the first mask held 0.35 at most)
+J_CART = 0.86
+
+
+def covered(masks: torch.Tensor, region: torch.Tensor) -> float:
+    return float((masks & region).sum() / region.sum())
+
+
+@pytest.mark.parametrize("mode", ["box", "motion"])
+def test_masks_leave_the_cast_shadow_out(cart, mode):
+    frames, truth, umbra, flow = cart
+    find = {
+        "box": lambda **kw: masks_from_box(frames, box_of(truth[0]), flow=flow, **kw),
+        "motion": lambda **kw: masks_from_motion(frames, flow=flow, **kw),
+    }[mode]
+    kept = find(shadows=False)  # the trackers alone take the shadow in, as on car-turn
+    assert covered(kept, umbra) > 0.9
+    masks = find()
+    assert covered(masks, umbra) < 0.2
+    assert region_similarity(masks, truth) >= J_CART
+    assert region_similarity(masks, truth) > region_similarity(kept, truth) + 0.02
+    # a wrong method stays under the bound
+    t = len(truth)
+    for wrong in (torch.zeros_like(truth), still_box(truth[0], t), truth[:1].expand_as(truth)):
+        assert region_similarity(wrong, truth) < J_CART
+
+
+def test_shadow_removal_keeps_a_dark_base_next_to_its_shadow(cart):
+    """The true masks (the shadow not taken in) keep the tyres, as dark as the shadow they touch."""
+    frames, truth, _, flow = cart
+    assert region_similarity(remove_shadows(frames, truth, flow), truth) >= 0.99
 
 
 def test_masks_are_the_same_twice():

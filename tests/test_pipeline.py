@@ -99,11 +99,11 @@ def test_saved_generator_reapplies_without_training(tmp_path, tiny_clip, image):
 
 
 def test_keyboard_interrupt_keeps_the_current_result(tiny_clip, image):
-    def stop(step, record):
-        if step == 1:
+    def stop(state):
+        if state.step == 1:
             raise KeyboardInterrupt
 
-    result = ImageEditor(small_config(steps=5), device="cpu", clip=tiny_clip)(image, on_step=stop)
+    result = ImageEditor(small_config(steps=5), device="cpu", clip=tiny_clip)(image, callback=stop)
     assert result.interrupted and result.steps_done == 2
     assert result.composite.shape == (3, 140, 170)
 
@@ -112,10 +112,44 @@ def test_previews_every_n_steps(tiny_clip, image):
     cfg = small_config(steps=4)
     cfg.preview_every = 2
     seen = []
-    ImageEditor(cfg, device="cpu", clip=tiny_clip)(
-        image, on_preview=lambda step, img: seen.append((step, img.shape))
+
+    def show(state):
+        pictures = None if state.composite is None else (state.composite.shape, state.rgba)
+        seen.append((state.step, state.steps, pictures))
+
+    result = ImageEditor(cfg, device="cpu", clip=tiny_clip)(
+        image, callback=show, callback_inputs=("composite",)
     )
-    assert seen == [(1, (3, 140, 170)), (3, (3, 140, 170))]
+    assert [(step, steps) for step, steps, _ in seen] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert [p for _, _, p in seen] == [None, ((3, 140, 170), None), None, ((3, 140, 170), None)]
+    assert not result.interrupted
+
+
+def test_the_step_callback_sees_what_it_asks_for_and_stops_the_run(tiny_clip, image):
+    """The contract (pipeline/callbacks.py): pictures by name on preview steps, the step's losses,
+    and a stop by returning True or by setting ``state.stop``."""
+    cfg = small_config(steps=6)
+    cfg.preview_every = 1
+    editor = ImageEditor(cfg, device="cpu", clip=tiny_clip)
+    seen = []
+
+    def watch(state):
+        seen.append((dict(state.losses), state.composite, state.rgba))
+        return state.step == 2
+
+    result = editor(image, callback=watch, callback_inputs=("composite", "rgba"))
+    assert result.interrupted and result.steps_done == 3 and len(seen) == 3
+    assert [losses for losses, _, _ in seen] == result.losses  # the same records the result keeps
+    _, composite, rgba = seen[-1]  # the last step's pictures are the result's pictures
+    torch.testing.assert_close(composite, result.composite)
+    torch.testing.assert_close(rgba, result.edit_layer)
+
+    def flag(state):
+        state.stop = state.step == 1
+
+    assert editor(image, callback=flag).steps_done == 2
+    with pytest.raises(ValueError, match="unknown"):
+        editor(image, callback=flag, callback_inputs=("alpha",))
 
 
 def test_bad_inputs_raise_before_training(tiny_clip, image):

@@ -275,7 +275,7 @@ def text_zip(tmp_path):
 # The page and the command
 # ---------------------------------------------------------------------------------------------------
 def test_runs_share_one_queue_of_one_and_checks_do_not_wait(app):
-    from t2l_fast.serve_page import RUN_QUEUE, build_page
+    from t2l_fast.serve.page import RUN_QUEUE, build_page
 
     page = build_page(app)
     fns = {}
@@ -296,7 +296,7 @@ def test_every_run_and_cancel_gets_its_session(app):
     import gradio as gr
     from gradio.helpers import special_args
 
-    from t2l_fast.serve_page import build_page
+    from t2l_fast.serve.page import build_page
 
     page = build_page(app)
     request = gr.Request(username="someone")
@@ -308,7 +308,7 @@ def test_every_run_and_cancel_gets_its_session(app):
         inputs, *_ = special_args(fn.fn, [f"value {i}" for i in range(n)], request=request)
         assert request in inputs and len(inputs) == n + 1, fn.name
         checked.append(fn.name)
-    assert sorted(checked) == ["edit", "edit", "run_fit", "stop", "stop"], checked
+    assert sorted(checked) == ["edit", "edit", "edit_variants", "run_fit", "stop", "stop"], checked
 
 
 def test_serve_says_in_one_line_when_the_port_is_taken():
@@ -321,3 +321,38 @@ def test_serve_says_in_one_line_when_the_port_is_taken():
     assert result.output.strip() == (
         f"error: port {port} on 127.0.0.1 is already in use: stop the other server or pass --port N"
     )
+
+
+def test_variants_show_live_previews_then_each_composite_and_the_sheet(app, picture):
+    cfg = image_config(app, preview_every=1)
+    variants = app.variants("a golden cat\n\nan icy cat\n", 2, cfg)  # blank lines left out
+    assert [(v.prompt, v.seed) for v in variants] == [
+        ("a golden cat", 0),
+        ("a golden cat", 1),
+        ("an icy cat", 0),
+        ("an icy cat", 1),
+    ]
+    updates = list(app.edit_variants("v1", picture, cfg, variants))
+    live = [u["gallery"] for u in updates[:-1] if "gallery" in u]
+    sizes = [len(g) for g in live]  # a variant's preview joins as it comes (2 variants a run on the CPU)
+    assert sizes[0] == 1 and sizes == sorted(sizes) and sizes[-1] == 4
+    statuses = [u["status"] for u in updates[:-1] if "status" in u]
+    assert sum("step 2 / 2" in t for t in statuses) == 2  # each run of 2 variants reports its steps
+    assert all(image.size == (200, 150) for image, _ in live[-1]) and live[-1][2][1] == "an icy cat\nseed 0"
+    final = updates[-1]
+    assert "done: 4 of 4 variants, 2 steps" in final["status"] and "NOT real edits" in final["status"]
+    sheet, *each = final["gallery"]
+    assert sheet[1] == "all variants" and Image.open(sheet[0]).width > 4 * 200  # the sheet: a row of 4+
+    assert [c for _, c in each] == [f"{v.prompt}\nseed {v.seed}" for v in variants]
+    assert all(Image.open(path).size == (200, 150) for path, _ in each)  # each one downloadable
+    names = set(zipfile.ZipFile(final["download"]).namelist())
+    assert {"variants.png", "variants.json", "an-icy-cat-s1/composite.png"} <= names
+
+
+def test_bad_variants_get_one_readable_line(app):
+    cfg = image_config(app)
+    for text, message in [("", "write one prompt a line"), ("gold\ngold", "'gold' given twice")]:
+        with pytest.raises(InputError, match=message):
+            app.variants(text, 1, cfg)
+    with pytest.raises(InputError, match="seeds per prompt must be at least 1"):
+        app.variants("gold", 0, cfg)

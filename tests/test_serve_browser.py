@@ -160,6 +160,39 @@ def test_edit_in_the_browser(server, browser, tmp_path):
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(shot)
 
+    # Variants: two prompts in the variants box, "Edit variants": the gallery shows the comparison
+    # sheet and each composite (each served as a PNG: downloadable), and the zip holds them all
+    driver.find_element(By.CSS_SELECTOR, "#variants button").click()  # open the variants box
+    box = _wait(
+        lambda: driver.find_element(By.CSS_SELECTOR, "#variant-prompts textarea"), 10, "the box", driver
+    )
+    _wait(box.is_displayed, 10, "the variants box to open", driver)
+    _type(driver, "#variant-prompts textarea", "a golden cat\nan icy cat")
+    driver.find_element(By.CSS_SELECTOR, "#run-variants").click()
+    variants_link = _wait(
+        lambda: driver.find_element(By.CSS_SELECTOR, "#variants-download a[href*='.zip']"),
+        300,
+        "the variants' download",
+        driver,
+    )
+    status = driver.find_element(By.CSS_SELECTOR, "#status").text
+    assert "done: 2 of 2 variants, 2 steps" in status, status
+    sources = {
+        img.get_attribute("src") for img in driver.find_elements(By.CSS_SELECTOR, "#variants-gallery img")
+    }
+    assert len(sources) >= 3, sources  # the sheet and the two composites
+    for src in sources:
+        with urllib.request.urlopen(src, timeout=30) as reply:
+            assert reply.read(8) == b"\x89PNG\r\n\x1a\n", src
+    with urllib.request.urlopen(variants_link.get_attribute("href"), timeout=30) as reply:
+        names = set(zipfile.ZipFile(io.BytesIO(reply.read())).namelist())
+    assert {
+        "variants.png",
+        "variants.json",
+        "a-golden-cat-s0/composite.png",
+        "an-icy-cat-s0/composite.png",
+    } <= names
+
     # Cancel during a long run: it stops within a few steps and keeps its result (a new download)
     first_zip = link.get_attribute("href")
     _type(driver, "#steps input", "500")

@@ -116,7 +116,7 @@ def test_image_steps_read_nothing_back(tiny_clip):
     cfg.roi_prompt = "cat"
     cfg.data.source_every = 3  # a step with the whole image too
     editor = ImageEditor(cfg, device="cpu", clip=tiny_clip)
-    syncs, transfers = _count(lambda cb: editor(source, on_step=cb), 5)
+    syncs, transfers = _count(lambda cb: editor(source, callback=lambda s: cb(s.step, s.losses)), 5)
     assert syncs == []
     # per step: the crop's parameters, and the objective's draws per example (crop; sometimes the image)
     assert transfers <= 2.5  # 2 a step, 3 when the whole image is fed too
@@ -134,7 +134,9 @@ def test_video_steps_read_nothing_back(tiny_clip, layer):
     cfg.data.jitter_p = 1.0  # the colour jitter's parameters travel too
     cfg.video.layer = layer
     editor = VideoEditor(cfg, device="cpu", clip=tiny_clip)
-    syncs, transfers = _count(lambda cb: editor(frames, atlas=data, on_step=cb), 4)
+    syncs, transfers = _count(
+        lambda cb: editor(frames, atlas=data, callback=lambda s: cb(s.step, s.losses)), 4
+    )
     assert syncs == []
     assert transfers <= 4  # two jitters, the objective per example group (and the whole atlas)
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from t2l_fast import cli
 from t2l_fast.config import preset
-from t2l_fast.models.atlas import NLAModels, save_nla_checkpoint
+from t2l_fast.models.nla import NLAModels, save_nla_checkpoint
 from t2l_fast.pipeline import base as pipeline_base
 from t2l_fast.pipeline import video as video_pipeline
 from t2l_fast.pipeline.crops import CropSampler, foreground_boxes

@@ -8,9 +8,10 @@ two-layer model and NLA's losses. The result is an :class:`~t2l_fast.models.atla
 >>> masks = masks_from_motion(frames, flow=flow)  # no box: the object found from its motion  # doctest: +SKIP
 """
 
+from t2l_fast.config import FitConfig
+
 from .fit import (
     CHECKPOINT_NAME,
-    FitConfig,
     FitResult,
     FitStats,
     check_inputs,
@@ -20,13 +21,14 @@ from .fit import (
 )
 from .flow import FlowField, chain_similarities, compute_flow, consistency
 from .masks import read_masks
+from .motion import motion_evidence
 from .segment import (
     NoMovingObject,
     find_masks,
     masks_from_box,
     masks_from_motion,
-    motion_evidence,
     region_similarity,
+    remove_shadows,
     write_masks,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "masks_from_motion",
     "find_masks",
     "motion_evidence",
+    "remove_shadows",
     "read_masks",
     "region_similarity",
     "reconstruct",

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -35,12 +34,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from t2l_fast.config import FitConfig, RuntimeConfig
 from t2l_fast.device import resolve_device
 from t2l_fast.io import InputError, atomic_path
 from t2l_fast.models.atlas import AtlasData
+from t2l_fast.pipeline.engine import Engine
 
 from .flow import FlowField, chain_similarities, compute_flow
 from .model import LayeredGridModel
+from .objective import FitData, as_float, as_uint8, psnr_db, step_losses
 
 log = logging.getLogger(__name__)
 
@@ -49,65 +51,6 @@ CHECKPOINT_NAME = "fit_state.pt"
 #: Atlas resolution R of the reference at 768×432 frames; scaled with the frame size by default.
 REFERENCE_GRID = 2000
 REFERENCE_SIZE = 768
-#: Weight of the NLA rigidity term when J is a rotation: |I|_F + |I|_F = 2√2 (subtracted for display).
-_RIGID_MIN = 2.0 * math.sqrt(2.0)
-
-
-@dataclass
-class FitConfig:
-    """Settings of :func:`fit_atlas`. Fields marked (shape) change the model and must match on resume."""
-
-    iterations: int = 2000
-    batch: int | None = None  # pixels per step; None: 65536 on CUDA, 8192 on the CPU
-    seed: int = 0
-    # learning rates (Adam) and their decay
-    lr_texture: float = 0.03
-    lr_alpha: float = 0.1
-    lr_residual: float = 1e-3
-    lr_affine: float = 3e-4
-    lr_final: float = 0.1  # the learning rates decay exponentially to this fraction
-    # loss weights (NLA's / 5000)
-    w_rgb: float = 1.0
-    w_gradient: float = 0.2
-    w_flow: float = 1e-3
-    w_alpha_flow: float = 0.01
-    w_rigidity: float = 2e-4
-    w_sparsity: float = 0.2
-    w_bootstrap: float = 0.4
-    bootstrap_until: float = 0.15  # fraction of the iterations with the mask bootstrap
-    foreground_samples: float = 0.25  # fraction of each batch drawn from around the masks
-    # model (shape)
-    residual_cells: tuple[float, ...] = (64.0, 16.0)
-    alpha_cells: tuple[float, ...] = (16.0, 4.0, 1.0)
-    texture_levels: int = 3
-    max_scale: float = 0.8  # NLA's uv_mapping_scale: frame width -> 0.8 of the atlas side at most
-    # flow and output
-    flow_preset: str = "medium"
-    grid: int | None = None  # atlas resolution R; None: 2000 · max(W, H) / 768
-    save_every: int = 250  # checkpoint period (iterations) when resume_dir is given
-    compile: str = "auto"  # "auto" (CUDA only), "on", "off"
-    log_every: int = 25  # progress-bar refresh period
-
-    def __post_init__(self) -> None:
-        if self.iterations < 0:
-            raise InputError(f"iterations must be >= 0, got {self.iterations}")
-        if self.batch is not None and self.batch < 16:
-            raise InputError(f"batch must be >= 16, got {self.batch}")
-        if self.compile not in ("auto", "on", "off"):
-            raise InputError(f"compile must be auto, on or off, got {self.compile!r}")
-        self.residual_cells = tuple(float(c) for c in self.residual_cells)
-        self.alpha_cells = tuple(float(c) for c in self.alpha_cells)
-
-    def shape_key(self) -> dict:
-        """The settings a checkpoint must agree on to be resumed."""
-        return {
-            "residual_cells": list(self.residual_cells),
-            "alpha_cells": list(self.alpha_cells),
-            "texture_levels": self.texture_levels,
-            "max_scale": self.max_scale,
-            "seed": self.seed,
-            "flow_preset": self.flow_preset,
-        }
 
 
 @dataclass
@@ -139,16 +82,6 @@ class FitStats:
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_float(frames: torch.Tensor) -> torch.Tensor:
-    return frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
-
-
-def _as_uint8(frames: torch.Tensor) -> torch.Tensor:
-    if frames.dtype == torch.uint8:
-        return frames
-    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def check_inputs(frames: torch.Tensor, masks: torch.Tensor | None) -> None:
     """Raise :class:`InputError` for fewer than 3 frames, masks of the wrong shape, or masks that are
     empty in every frame. frames (T, 3, H, W); masks (T, H, W)."""
@@ -174,7 +107,7 @@ def check_inputs(frames: torch.Tensor, masks: torch.Tensor | None) -> None:
 def _fingerprint(frames: torch.Tensor, masks: torch.Tensor | None, cfg: FitConfig) -> str:
     h = hashlib.sha1()
     h.update(str(tuple(frames.shape)).encode())
-    h.update(_as_uint8(frames).cpu().contiguous().numpy().tobytes())
+    h.update(as_uint8(frames).cpu().contiguous().numpy().tobytes())
     if masks is not None:
         h.update((masks > 0.5).cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(cfg.shape_key(), sort_keys=True).encode())
@@ -186,152 +119,19 @@ def default_grid(height: int, width: int) -> int:
     return max(64, round(REFERENCE_GRID * max(height, width) / REFERENCE_SIZE))
 
 
-# ----------------------------------------------------------------------------------------------
-# The losses of one step
-# ----------------------------------------------------------------------------------------------
-
-
-class _Data:
-    """The video on the device in the layouts a step gathers from."""
-
-    def __init__(self, frames: torch.Tensor, masks: torch.Tensor | None, flow: FlowField, device) -> None:
-        self.device = torch.device(device)
-        self.frames = _as_float(frames).to(device).permute(0, 2, 3, 1).contiguous()  # (T, H, W, 3)
-        self.t, self.h, self.w = self.frames.shape[:3]
-        self.masks = None if masks is None else (masks > 0.5).float().to(device)  # (T, H, W)
-        fl = flow.to(device)
-        self.fwd, self.bwd = fl.forward, fl.backward  # (T-1, H, W, 2)
-        self.fwd_ok, self.bwd_ok = fl.forward_ok.float(), fl.backward_ok.float()  # (T-1, H, W)
-        self.fg_index = None
-        if self.masks is not None:
-            grown = F.max_pool2d(self.masks[:, None], kernel_size=9, stride=1, padding=4)[:, 0]
-            self.fg_index = torch.nonzero(grown.flatten() > 0).flatten()  # flat (t, y, x) indices
-
-
-def _rigidity(m0: torch.Tensor, mx: torch.Tensor, my: torch.Tensor, px_per_m: float) -> torch.Tensor:
-    """NLA's rigidity of a mapping from 1-pixel differences -> (N,), 0 for a rotation.
-
-    m0, mx, my (N, 2): M at p, p + x̂, p + ŷ; J = [M(p+x̂) - M(p), M(p+ŷ) - M(p)] in pixels per pixel.
-    """
-    j = torch.stack([mx - m0, my - m0], dim=-1) * px_per_m  # (N, 2, 2): columns ∂/∂x, ∂/∂y
-    jtj = j.transpose(1, 2) @ j
-    a, b = jtj[:, 0, 0] + 1e-3, jtj[:, 0, 1]
-    c, d = jtj[:, 1, 0], jtj[:, 1, 1] + 1e-3
-    det = (a * d - b * c).clamp_min(1e-8)
-    norm = (a.square() + b.square() + c.square() + d.square()).sqrt()
-    return norm + norm / det - _RIGID_MIN  # |JᵀJ|_F + |(JᵀJ)⁻¹|_F (the inverse has the same entries / det)
-
-
-def _step_losses(
-    model: LayeredGridModel, data: _Data, cfg: FitConfig, n: int, w_boot: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sample ``n`` pixels, evaluate every loss; returns (total, parts incl. 'mse')."""
-    dev = data.frames.device
-    t_, h, w = data.t, data.h, data.w
-    n_fg = int(n * cfg.foreground_samples) if data.fg_index is not None else 0
-    flat = torch.randint(0, t_ * h * w, (n - n_fg,), device=dev)
-    if n_fg:
-        pick = torch.randint(0, data.fg_index.numel(), (n_fg,), device=dev)
-        flat = torch.cat([flat, data.fg_index[pick]])
-    t, rem = flat // (h * w), flat % (h * w)
-    y, x = rem // w, rem % w
-    xp, yp = (x + 1).clamp(max=w - 1), (y + 1).clamp(max=h - 1)
-    tf = t.clamp(max=t_ - 2)  # forward flow t -> t+1 (invalid for the last frame)
-    tb = (t - 1).clamp(min=0)  # backward flow t -> t-1 is bwd[t-1] (invalid for frame 0)
-    f = data.fwd[tf, y, x]  # (n, 2)
-    b = data.bwd[tb, y, x]
-    ok_f = data.fwd_ok[tf, y, x] * (t < t_ - 1).float()
-    ok_b = data.bwd_ok[tb, y, x] * (t > 0).float()
-    tfl, xf, yf = t.float(), x.float(), y.float()
-    pts = torch.cat(
-        [
-            torch.stack([xf, yf, tfl], 1),
-            torch.stack([xp.float(), yf, tfl], 1),
-            torch.stack([xf, yp.float(), tfl], 1),
-            torch.stack([xf + f[:, 0], yf + f[:, 1], (t + 1).clamp(max=t_ - 1).float()], 1),
-            torch.stack([xf + b[:, 0], yf + b[:, 1], tb.float()], 1),
-        ]
-    )  # (5n, 3): p, p + x̂, p + ŷ, p + forward flow, p + backward flow
-    g3 = model._grid3(pts)
-    target = data.frames[t, y, x]  # (n, 3)
-    dx_gt = data.frames[t, y, xp] - target
-    dy_gt = data.frames[t, yp, x] - target
-    maps = {layer: model.mapping(layer, pts, g3) for layer in model.layers}
-    has_fg = "foreground" in model.layers
-    alpha = model.alpha(pts, g3) if has_fg else None  # (5n,)
-
-    c_bg = model.colour("background", maps["background"][: 3 * n])  # (3n, 3)
-    if has_fg:
-        c_fg = model.colour("foreground", maps["foreground"][: 3 * n])
-        a3 = alpha[: 3 * n, None]
-        rec = a3 * c_fg + (1 - a3) * c_bg
-    else:
-        rec = c_bg
-    r0, rx, ry = rec[:n], rec[n : 2 * n], rec[2 * n :]
-    parts: dict[str, torch.Tensor] = {}
-    mse = (r0 - target).square().sum(-1).mean()
-    parts["rgb"] = mse
-    parts["mse"] = mse.detach() / 3
-    grad_x = ((rx - r0) - dx_gt).square().sum(-1).mean()
-    parts["gradient"] = grad_x + ((ry - r0) - dy_gt).square().sum(-1).mean()
-
-    inner = ((x < w - 1) & (y < h - 1)).float()
-    okf_sum, okb_sum = ok_f.sum().clamp_min(1), ok_b.sum().clamp_min(1)
-    flow_loss = torch.zeros((), device=dev)
-    rigid = torch.zeros((), device=dev)
-    a0 = alpha[:n] if has_fg else torch.zeros(n, device=dev)
-    for layer, m in maps.items():
-        m0, mx, my, mf, mb = m.split(n)
-        weight = a0 if layer == "foreground" else 1 - a0
-        scale = model.px_per_m(layer)
-        ef = (mf - m0).norm(dim=-1) * scale
-        eb = (mb - m0).norm(dim=-1) * scale
-        flow_f = (ef * weight * ok_f).sum() / okf_sum
-        flow_loss = flow_loss + 0.5 * (flow_f + (eb * weight * ok_b).sum() / okb_sum)
-        rigid = rigid + (_rigidity(m0, mx, my, scale) * inner).sum() / inner.sum().clamp_min(1)
-    parts["flow"] = flow_loss
-    parts["rigidity"] = rigid
-    if has_fg:
-        _, _, _, af, ab = alpha.split(n)
-        parts["alpha_flow"] = 0.5 * (
-            ((af - a0).abs() * ok_f).sum() / okf_sum + ((ab - a0).abs() * ok_b).sum() / okb_sum
-        )
-        parts["sparsity"] = ((1 - a0) * c_fg[:n].square().sum(-1)).mean()
-        mask = data.masks[t, y, x]
-        parts["bootstrap"] = F.binary_cross_entropy(a0.clamp(1e-4, 1 - 1e-4), mask)
-    total = (
-        cfg.w_rgb * parts["rgb"]
-        + cfg.w_gradient * parts["gradient"]
-        + cfg.w_flow * parts["flow"]
-        + cfg.w_rigidity * parts["rigidity"]
-    )
-    if has_fg:
-        total = (
-            total
-            + cfg.w_alpha_flow * parts["alpha_flow"]
-            + cfg.w_sparsity * parts["sparsity"]
-            + w_boot * parts["bootstrap"]
-        )
-    return total, parts
-
-
-def _psnr(mse: float) -> float:
-    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
-
-
 def reconstruction_psnr(atlas: AtlasData, frames: torch.Tensor) -> tuple[float, list[float]]:
     """PSNR (dB) of the atlas's reconstruction A·fg + (1-A)·bg against ``frames`` (T, 3, H, W):
     over the whole video and per frame."""
     per = []
     sq = 0.0
-    target = _as_float(frames)
+    target = as_float(frames)
     for sl in atlas.chunks():
         sub = atlas.frames(sl)
         rec = sub.composite(sub.sample("foreground"), sub.sample("background")).clamp(0, 1)
         err = (rec - target[sl].to(rec.device)).square().flatten(1).mean(1)  # (n,)
-        per += [_psnr(float(e)) for e in err]
+        per += [psnr_db(float(e)) for e in err]
         sq += float(err.sum())
-    return _psnr(sq / atlas.num_frames), per
+    return psnr_db(sq / atlas.num_frames), per
 
 
 def reconstruct(atlas: AtlasData) -> torch.Tensor:
@@ -455,7 +255,7 @@ def fit_atlas(
         InputError: fewer than 3 frames, masks of the wrong count/size, masks empty in every frame, an
             unusable checkpoint in ``resume_dir``, CUDA asked for but absent.
     """
-    cfg = config or FitConfig()
+    cfg = (config or FitConfig()).validate()
     check_inputs(frames, masks)
     dev = resolve_device(device)
     has_fg = masks is not None
@@ -465,7 +265,7 @@ def fit_atlas(
     fingerprint = _fingerprint(frames, masks, cfg)
     state = _load_state(ckpt_path, fingerprint) if ckpt_path is not None else None  # before heavy work
     if flow is None:
-        flow = compute_flow(_as_uint8(frames), cfg.flow_preset)
+        flow = compute_flow(as_uint8(frames), cfg.flow_preset)
     stats.flow_seconds, stats.flow_consistent = flow.seconds, flow.consistent_fraction
 
     model = _initialise(frames, masks, flow, cfg, dev)
@@ -474,7 +274,7 @@ def fit_atlas(
     it = _train(
         model,
         opt,
-        _Data(frames, masks, flow, dev),
+        FitData(frames, masks, flow, dev),
         cfg,
         stats,
         start,
@@ -545,17 +345,23 @@ def _resume(model, opt, state: dict | None, stats: FitStats, seed: int) -> int:
 
 
 def _train(
-    model, opt, data: _Data, cfg: FitConfig, stats: FitStats, start: int, progress: bool, on_step, checkpoint
+    model,
+    opt,
+    data: FitData,
+    cfg: FitConfig,
+    stats: FitStats,
+    start: int,
+    progress: bool,
+    on_step,
+    checkpoint,
 ) -> int:
     """The optimisation from ``start`` to ``cfg.iterations``; Ctrl-C ends it early. Fills the timing
     and PSNR fields of ``stats``; -> the iterations done in all."""
     dev = data.device
     total = max(cfg.iterations, start)
     batch = cfg.batch or (65536 if dev.type == "cuda" else 8192)
-    step_fn = _step_losses
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and dev.type == "cuda")
-    if use_compile:
-        step_fn = torch.compile(_step_losses, dynamic=False)
+    engine = fit_engine(cfg, dev)
+    step_fn = engine.compiled(step_losses)  # a failed compile falls back to eager, with a warning
 
     bar = None
     if progress and start < total:
@@ -574,19 +380,13 @@ def _train(
                 g["lr"] = g["initial_lr"] * cfg.lr_final ** min(frac, 1.0)
             w_boot.fill_(cfg.w_bootstrap if frac < cfg.bootstrap_until else 0.0)
             t0 = time.perf_counter()
-            try:
-                loss, parts = step_fn(model, data, cfg, batch, w_boot)
-            except Exception as e:  # a compiler failure must not cost the fit: fall back to eager once
-                if step_fn is _step_losses or it > start:
-                    raise
-                log.warning("torch.compile failed (%s); fitting in eager mode", str(e).splitlines()[0][:200])
-                step_fn, use_compile = _step_losses, False
+            with engine.autocast():
                 loss, parts = step_fn(model, data, cfg, batch, w_boot)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             it += 1
-            if use_compile and it == start + 1:
+            if engine.compile and it == start + 1:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 stats.compile_seconds = time.perf_counter() - t0
@@ -596,7 +396,7 @@ def _train(
             if it % cfg.log_every == 0 or it == total or on_step is not None:
                 mse_avg = float(mse_sum) / mse_n  # the mean over the steps since the last report
                 mse_sum, mse_n = torch.zeros((), device=dev), 0
-                psnr = _psnr(mse_avg)
+                psnr = psnr_db(mse_avg)
                 if it % cfg.log_every == 0 or it == total:
                     stats.history.append((it, round(time.perf_counter() - run_start, 3), round(psnr, 3)))
                     if bar is not None:
@@ -617,8 +417,15 @@ def _train(
         torch.cuda.synchronize(dev)
     stats.fit_seconds = time.perf_counter() - run_start
     stats.iterations = it
-    stats.train_psnr = _psnr(mse_avg) if mse_avg is not None else float("nan")
+    stats.train_psnr = psnr_db(mse_avg) if mse_avg is not None else float("nan")
     return it
+
+
+def fit_engine(cfg: FitConfig, device: torch.device) -> Engine:
+    """The editors' execution policy for the fit's step (:class:`~t2l_fast.pipeline.engine.Engine`):
+    compiled by ``cfg.compile`` ("auto": on CUDA) with the engine's compile settings and its eager
+    fallback, in fp32 (the grid model's small per-texel updates are what the fit is made of)."""
+    return Engine(RuntimeConfig(mode="fast", precision="fp32", compile=cfg.compile), device)
 
 
 def _export(model, frames: torch.Tensor, grid: int, stats: FitStats, meta: dict | None) -> AtlasData:

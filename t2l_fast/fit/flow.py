@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from t2l_fast.io import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -186,3 +188,30 @@ def chain_similarities(
                 s[:2] = m
         mats.append(mats[-1] @ np.linalg.inv(s))
     return torch.from_numpy(np.stack(mats)[:, :2]).float()
+
+
+def flow_for(frames: torch.Tensor, flow: FlowField | None) -> FlowField:
+    """``flow`` checked against the frames (T, 3, H, W), or computed from them when None."""
+    if flow is None:
+        f = frames if frames.dtype == torch.uint8 else (frames.float().clamp(0, 1) * 255).round().byte()
+        return compute_flow(f.cpu())
+    t, _, h, w = frames.shape
+    if tuple(flow.forward.shape) != (t - 1, h, w, 2):
+        raise InputError(
+            f"flow is {tuple(flow.forward.shape)} but {t} frames of {w}x{h} need ({t - 1}, {h}, {w}, 2)"
+        )
+    return flow
+
+
+def pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel coordinates (x, y) of an (h, w) frame, float32 (H, W) each."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return xx, yy
+
+
+def remap(field: np.ndarray, flow: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """Sample ``field`` (H, W) float32 at p + flow(p) (bilinear; 0 outside the frame)."""
+    cv2 = _cv2()
+    return cv2.remap(
+        field, xx + flow[..., 0], yy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+    )

@@ -12,6 +12,11 @@ OpenCV's GrabCut (colour models + graph cut) to snap masks to the colours and ed
   follows the second motion found, the object's), is object evidence. Evidence is carried along the
   flow to the neighbouring frames and averaged, weighted by flow consistency (moving objects keep
   moving; noise and occlusions do not), then thresholded into seeds for GrabCut in each frame.
+- :func:`remove_shadows` (both, by default): the object's cast shadow moves with it, so the flow
+  carries it and GrabCut keeps it. Against a background model of the ground (the other frames
+  aligned by the camera's homographies, where they do not show the object: their median), a shadow
+  is the ground darker by a factor but of the same colour; such a region at the object's base that
+  the mask has mostly taken in (the rest of it on the ground outside) is taken out.
 
 Masks are (T, H, W) bool tensors, True = object, the layout :func:`~t2l_fast.fit.read_masks` returns.
 """
@@ -28,7 +33,8 @@ import torch
 
 from t2l_fast.io import InputError, atomic_path
 
-from .flow import FlowField, _cv2, compute_flow
+from .flow import FlowField, _cv2, flow_for, pixel_grid, remap
+from .motion import _carry, _evidence, _first_frame_evidence
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +56,6 @@ def _frames_hwc(frames: torch.Tensor) -> np.ndarray:
     if f.dtype != torch.uint8:
         f = (f.float().clamp(0, 1) * 255).round().to(torch.uint8)
     return np.ascontiguousarray(f.permute(0, 2, 3, 1).numpy())
-
-
-def _flow_for(frames: torch.Tensor, flow: FlowField | None) -> FlowField:
-    if flow is None:
-        f = frames if frames.dtype == torch.uint8 else (frames.float().clamp(0, 1) * 255).round().byte()
-        return compute_flow(f.cpu())
-    t, _, h, w = frames.shape
-    if tuple(flow.forward.shape) != (t - 1, h, w, 2):
-        raise InputError(
-            f"flow is {tuple(flow.forward.shape)} but {t} frames of {w}x{h} need ({t - 1}, {h}, {w}, 2)"
-        )
-    return flow
-
-
-def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    return xx, yy
-
-
-def _warp(field: np.ndarray, flow: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Sample ``field`` (H, W) float32 at p + flow(p) (bilinear; 0 outside the frame)."""
-    cv2 = _cv2()
-    return cv2.remap(
-        field, xx + flow[..., 0], yy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
-    )
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -182,6 +163,181 @@ def _band(mask: np.ndarray, fraction: float, minimum: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Cast shadows
+# ---------------------------------------------------------------------------------------------------
+
+
+def _camera_homographies(flow: FlowField, masks: np.ndarray, step: int = 8) -> np.ndarray:
+    """(T, 3, 3) homographies G_t taking frame t's pixels to frame 0's: the camera's motion between
+    consecutive frames fitted by RANSAC to the consistent forward flow off the masks (on a grid of
+    ``step`` pixels), chained; a pair without a fit counts as still."""
+    cv2 = _cv2()
+    fwd, ok = flow.forward.numpy(), flow.forward_ok.numpy()
+    _, h, w, _ = fwd.shape
+    gy, gx = np.mgrid[step // 2 : h : step, step // 2 : w : step]
+    chain = [np.eye(3)]
+    for i in range(len(fwd)):
+        sel = ok[i][gy, gx] & ~masks[i][gy, gx] & ~masks[i + 1][gy, gx]
+        src = np.stack([gx[sel], gy[sel]], 1).astype(np.float32)
+        hom = None
+        if len(src) >= 16:
+            hom, _ = cv2.findHomography(src, src + fwd[i][gy[sel], gx[sel]], cv2.RANSAC, 1.0, maxIters=500)
+        if hom is None or not np.all(np.isfinite(hom)) or abs(np.linalg.det(hom)) < 1e-6:
+            hom = np.eye(3)
+        chain.append(chain[-1] @ np.linalg.inv(hom))
+    return np.stack(chain)
+
+
+def _median_of_valid(stack: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(K, N, 3) samples, (K, N) which count -> (N, 3) their median (lower middle); NaN with none."""
+    x = np.where(valid[..., None], stack, np.inf)
+    x.sort(axis=0)
+    count = valid.sum(0)
+    mid = (np.maximum(count, 1) - 1) // 2
+    out = np.take_along_axis(x, np.broadcast_to(mid[None, :, None], (1, *x.shape[1:])), 0)[0]
+    out[count == 0] = np.nan
+    return out
+
+
+def _ground_region(mask: np.ndarray, ground: float, small: tuple[int, int]):
+    """Where a mask's shadow is looked for: the lowest ``ground`` fraction of the mask and some ground
+    around it. -> (the first row of that fraction, the box (x0, x1, y0, y1) at the ``small`` (h, w)
+    scale, the same box at full scale), or None (an empty mask, a box too small)."""
+    (h, w), (sh, sw) = mask.shape, small
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    y0, y1 = int(ys.min()), int(ys.max())
+    top = y1 - ground * (y1 - y0 + 1)
+    pad = max(4, int(0.1 * (y1 - y0 + 1)))
+    sx0, sx1 = max(0, int((xs.min() - pad) * sw / w)), min(sw, int((xs.max() + pad) * sw / w) + 1)
+    sy0, sy1 = max(0, int((top - pad) * sh / h)), min(sh, int((y1 + pad) * sh / h) + 1)
+    x0, x1 = int(sx0 * w / sw), min(w, int(sx1 * w / sw))
+    y0r, y1r = int(sy0 * h / sh), min(h, int(sy1 * h / sh))
+    if sx1 - sx0 < 2 or sy1 - sy0 < 2 or x1 <= x0 or y1r <= y0r:
+        return None
+    return top, (sx0, sx1, sy0, sy1), (x0, x1, y0r, y1r)
+
+
+def _aligned_median(images: list, free: list, to_i: list, size: tuple[int, int]) -> np.ndarray:
+    """The per-pixel median (h, w, 3) float32 of ``images`` warped by the homographies ``to_i`` into
+    a (w, h) = ``size`` region, each where its ``free`` map (1 = background seen) says so."""
+    cv2 = _cv2()
+    stack, valid = [], []
+    for image, seen, hom in zip(images, free, to_i, strict=True):
+        stack.append(cv2.warpPerspective(image, hom, size, flags=cv2.INTER_LINEAR).reshape(-1, 3))
+        shown = cv2.warpPerspective(seen, hom, size, flags=cv2.INTER_NEAREST, borderValue=0)
+        valid.append(shown.reshape(-1) > 0)
+    back = _median_of_valid(np.stack(stack).astype(np.float32), np.stack(valid))
+    return back.reshape(size[1], size[0], 3)
+
+
+def _shadow_like(img: np.ndarray, back: np.ndarray, darker: tuple[float, float], chroma: float) -> np.ndarray:
+    """Pixels of ``img`` that are the background ``back`` darkened by a factor a in ``darker``, of the
+    same colour: a = <I, B> / <B, B> and |I / a - B| <= ``chroma`` |B| (uint8 0/1, opened 3x3)."""
+    cv2 = _cv2()
+    norm = np.maximum((back * back).sum(-1), 1.0)
+    gain = (img * back).sum(-1) / norm  # NaN where the background is never seen: not shadow
+    with np.errstate(invalid="ignore"):  # |I / a - B| / |B|: the colour left once brightened back
+        off = np.sqrt(((img - gain[..., None] * back) ** 2).sum(-1) / norm) / np.maximum(gain, 1e-3)
+        like = (gain > darker[0]) & (gain < darker[1]) & (off <= chroma)
+    return cv2.morphologyEx(like.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+
+
+def _taken_in(like: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """The shadow the mask ``inside`` has taken in: the connected shadow-like regions that reach
+    outside the mask (a shadow on the ground does) with at least as much of them inside as outside
+    (an object's own dark base next to its shadow is the smaller part: it stays)."""
+    _, comp = _cv2().connectedComponents(like.astype(np.uint8), connectivity=8)
+    n_in = np.bincount(comp[inside], minlength=comp.max() + 1)
+    n_out = np.bincount(comp[(like > 0) & ~inside], minlength=comp.max() + 1)
+    reach = np.nonzero((n_out > 0) & (n_in >= n_out))[0]
+    return np.isin(comp, reach) & inside
+
+
+def remove_shadows(
+    frames: torch.Tensor,
+    masks: torch.Tensor,
+    flow: FlowField | None = None,
+    ground: float = 0.15,
+    darker: tuple[float, float] = (0.05, 0.85),
+    chroma: float = 0.2,
+    samples: int = 12,
+    window: int = 60,
+    smooth: float = 0.02,
+) -> torch.Tensor:
+    """``masks`` without the object's cast shadow on the ground.
+
+    The flow carries a cast shadow with its object, and GrabCut keeps it: it is as dark as tyres or
+    shoes, and its outline on lit ground is the strongest edge around. What tells it is the ground
+    behind: for each frame a background model is the per-pixel median of up to ``samples`` other
+    frames within ``window`` frames, aligned to it by the camera's homographies (fitted to the flow
+    off the masks), where their masks (grown by a quarter of the object's size) do not cover it. A
+    pixel is shadow-like when it is that background darkened by a factor a in ``darker``, of the same
+    colour: a = <I, B> / <B, B> and |I / a - B| <= ``chroma`` |B|. In the lowest ``ground`` fraction
+    of the mask's height (where the object meets the ground), a connected region of shadow-like
+    pixels that reaches outside the mask, with at least as much of it inside as outside, is the
+    shadow taken in by the mask, and is taken out. A region mostly outside is the shadow beside an
+    object whose own dark base touches it: the mask is left alone; and a region above the lowest
+    part (a shaded side, a dark colour), or where the background model never sees the ground, too.
+    What is lost: the object's dark base where it meets its taken-in shadow (the lower rims of tyres).
+    Masks are then cleaned as the trackers do (``smooth``). ``frames`` (T, 3, H, W) uint8 (or float
+    in [0, 1]) RGB, ``masks`` (T, H, W) bool (with the shadow), ``flow`` their
+    :func:`~t2l_fast.fit.compute_flow` (computed when None) -> (T, H, W) bool.
+    """
+    cv2 = _cv2()
+    images = _frames_hwc(frames)
+    t, h, w, _ = images.shape
+    m = masks.cpu().numpy().astype(bool)
+    if m.shape != (t, h, w):
+        raise InputError(f"masks are {tuple(m.shape)} but the frames need ({t}, {h}, {w})")
+    if t < 2 or not m.any():
+        return torch.from_numpy(m.copy())
+    flow = flow_for(frames, flow)
+    start = time.perf_counter()
+    homs = _camera_homographies(flow, m)
+    # the background model at about 240 rows: the ground is smooth, and this is the slow part
+    scale = min(1.0, 240 / min(h, w))
+    sw, sh = max(8, round(w * scale)), max(8, round(h * scale))
+    to_small = np.diag([sw / w, sh / h, 1.0])
+    small = [cv2.resize(img, (sw, sh), interpolation=cv2.INTER_AREA) for img in images]
+    free = []  # where each frame shows the background: off its mask grown by a quarter of its size
+    for mask in m:
+        ms = cv2.resize(mask.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST)
+        free.append(1 - (cv2.dilate(ms, _disk(_band(ms, 0.25, 2))) if ms.any() else ms))
+    out = []
+    for i in range(t):
+        region = _ground_region(m[i], ground, (sh, sw))
+        if region is None:
+            out.append(m[i])
+            continue
+        top, (sx0, sx1, sy0, sy1), (x0, x1, y0r, y1r) = region
+        lo, hi = max(0, i - window), min(t - 1, i + window)
+        sources = [s for s in np.unique(np.linspace(lo, hi, samples + 1).round().astype(int)) if s != i]
+        # the background there: the other frames aligned to this one, where they show the ground
+        shift = np.array([[1.0, 0, -sx0], [0, 1.0, -sy0], [0, 0, 1.0]])
+        to_i = [
+            shift @ to_small @ np.linalg.inv(homs[i]) @ homs[s] @ np.linalg.inv(to_small) for s in sources
+        ]
+        back = _aligned_median(
+            [small[s] for s in sources], [free[s] for s in sources], to_i, (sx1 - sx0, sy1 - sy0)
+        )
+        back = cv2.resize(back, (x1 - x0, y1r - y0r), interpolation=cv2.INTER_LINEAR)
+        rows = np.arange(y0r, y1r)[:, None] > top
+        like = _shadow_like(images[i, y0r:y1r, x0:x1].astype(np.float32), back, darker, chroma) & rows
+        shadow = _taken_in(like, m[i, y0r:y1r, x0:x1])
+        if not shadow.any():
+            out.append(m[i])
+            continue
+        kept = m[i].copy()
+        kept[y0r:y1r, x0:x1] &= ~shadow
+        kept = cv2.morphologyEx(kept.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
+        out.append(_clean(kept, smooth) if kept.any() else m[i])
+    log.info("cast shadows taken out of %d masks in %.1f s", t, time.perf_counter() - start)
+    return torch.from_numpy(np.stack(out))
+
+
+# ---------------------------------------------------------------------------------------------------
 # From a box
 # ---------------------------------------------------------------------------------------------------
 
@@ -219,9 +375,10 @@ def masks_from_box(
     box: tuple[float, float, float, float],
     flow: FlowField | None = None,
     band: float = 0.12,
-    iterations: int = 2,
+    iterations: int = 1,
     smooth: float = 0.02,
     decay: float = 0.8,
+    shadows: bool = True,
 ) -> torch.Tensor:
     """The object inside ``box`` on frame 0, segmented there and carried through the video.
 
@@ -231,10 +388,12 @@ def masks_from_box(
         flow: the frames' :func:`~t2l_fast.fit.compute_flow` (computed when None).
         band: half-width of the uncertain band around the carried mask, as a fraction of the square
             root of the object's area (at least 2 px).
-        iterations: GrabCut iterations per frame.
+        iterations: GrabCut iterations per frame (more pull the mask further into a cast shadow).
         smooth, decay: as in :func:`masks_from_motion` (the motion evidence of the first frames
             starts what in the box moves with the camera as background, when it tells the object
             from the rest of the box).
+        shadows: take the object's cast shadow out of the masks returned (:func:`remove_shadows`,
+            after the tracking: carried from frame to frame without it, the masks lost more).
     Returns:
         (T, H, W) bool, True = object.
     Raises:
@@ -246,9 +405,9 @@ def masks_from_box(
     images = _frames_hwc(frames)
     t, h, w, _ = images.shape
     x, y, bw, bh = check_box(box, w, h)
-    flow = _flow_for(frames, flow)
+    flow = flow_for(frames, flow)
     backward = flow.backward.numpy()
-    xx, yy = _grid(h, w)
+    xx, yy = pixel_grid(h, w)
 
     labels = np.full((h, w), cv2.GC_BGD, np.uint8)
     labels[y : y + bh, x : x + bw] = cv2.GC_PR_FGD
@@ -261,132 +420,20 @@ def masks_from_box(
         mask = labels == cv2.GC_PR_FGD
     masks = [_clean(mask, smooth)]
     for i in range(1, t):
-        prior = _warp(masks[-1].astype(np.float32), backward[i - 1], xx, yy) > 0.5
+        prior = remap(masks[-1].astype(np.float32), backward[i - 1], xx, yy) > 0.5
         if not prior.any():
             masks.append(prior)
             continue
         r = _band(prior, band, 2)
         masks.append(_clean(_grabcut(images[i], _trimap(prior, r), iterations, 2 * r + 4), smooth))
     log.info("masks from the box for %d frames in %.1f s", t, time.perf_counter() - start)
-    return torch.from_numpy(np.stack(masks))
+    out = torch.from_numpy(np.stack(masks))
+    return remove_shadows(frames, out, flow, smooth=smooth) if shadows else out
 
 
 # ---------------------------------------------------------------------------------------------------
-# From motion
+# From motion (the evidence: t2l_fast.fit.motion)
 # ---------------------------------------------------------------------------------------------------
-
-
-def _homography_flow(hom: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The displacement (..., 2) the homography ``hom`` gives the points (x, y)."""
-    den = hom[2, 0] * x + hom[2, 1] * y + hom[2, 2]
-    den = np.where(np.abs(den) < 1e-6, 1e-6, den)
-    hx = (hom[0, 0] * x + hom[0, 1] * y + hom[0, 2]) / den - x
-    hy = (hom[1, 0] * x + hom[1, 1] * y + hom[1, 2]) / den - y
-    return np.stack([hx, hy], -1).astype(np.float32)
-
-
-def _residuals(flow: np.ndarray, ok: np.ndarray, xx: np.ndarray, yy: np.ndarray):
-    """|flow - the camera's flow| and |flow - the object's flow| (H, W) in pixels (the second None when
-    no second motion is found; both None when too few vectors are consistent).
-
-    The camera's motion is a homography fitted by RANSAC to the consistent vectors on a grid (about 54
-    rows); a second one is fitted to what the first leaves out; the camera's is the one of the two that
-    explains more of the frame's border (its outer sixth: a large object can win the first fit), the
-    other is the object's.
-    """
-    cv2 = _cv2()
-    h, w = ok.shape
-    step = max(2, min(h, w) // 54)
-    gy, gx = np.mgrid[step // 2 : h : step, step // 2 : w : step]
-    sel = ok[gy, gx]
-    if sel.sum() < 16:
-        return None, None
-    x, y = gx[sel].astype(np.float32), gy[sel].astype(np.float32)
-    src = np.stack([x, y], 1)
-    vec = flow[gy[sel], gx[sel]]
-    ring = (x < w / 6) | (x > w * 5 / 6) | (y < h / 6) | (y > h * 5 / 6)
-    fits = []  # (border points explained, homography)
-    todo = np.ones(len(x), bool)
-    for _ in range(2):
-        if todo.sum() < max(16, 0.1 * len(x)):
-            break
-        hom, _ = cv2.findHomography(src[todo], src[todo] + vec[todo], cv2.RANSAC, 1.0, maxIters=500)
-        if hom is None:
-            break
-        inlier = np.linalg.norm(vec - _homography_flow(hom, x, y), axis=1) < 1.0
-        fits.append((float((inlier & ring).sum()), hom))
-        todo &= ~inlier
-    if not fits:
-        return None, None
-    fits.sort(key=lambda f: -f[0])
-    res = [np.linalg.norm(flow - _homography_flow(h, xx, yy), axis=-1).astype(np.float32) for _, h in fits]
-    return res[0], (res[1] if len(res) > 1 else None)
-
-
-def motion_evidence(frames: torch.Tensor, flow: FlowField | None = None) -> torch.Tensor:
-    """Per-pixel evidence in [0, 1] that a pixel moves differently from the camera, (T, H, W) float.
-
-    For each pair of frames the camera's motion is a homography fitted by RANSAC to the flow; a pixel's
-    residual r (pixels) counts as evidence (r - a) / (2a) clipped to [0, 1], a = max(0.5 px, 3 · the
-    median residual of the camera's inliers) (1: clearly independent motion), times how well the
-    pixel follows the second motion found (the object's: |flow - its homography| from 1.5a down to
-    3a), when there is one. Each frame gets the mean evidence of its forward and backward flow where
-    consistent (0 where neither is).
-    """
-    return torch.from_numpy(_evidence(frames, flow)[0])
-
-
-def _evidence(frames: torch.Tensor, flow: FlowField | None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`motion_evidence` (T, H, W) and its weight: how many of the two flows were consistent."""
-    flow = _flow_for(frames, flow)
-    fwd, bwd = flow.forward.numpy(), flow.backward.numpy()
-    fok, bok = flow.forward_ok.numpy(), flow.backward_ok.numpy()
-    steps, h, w, _ = fwd.shape
-    xx, yy = _grid(h, w)
-    total = np.zeros((steps + 1, h, w), np.float32)
-    weight = np.zeros((steps + 1, h, w), np.float32)
-    for i in range(steps):
-        for vec, ok, frame in ((fwd[i], fok[i], i), (bwd[i], bok[i], i + 1)):
-            res, other = _residuals(vec, ok, xx, yy)
-            if res is None:
-                continue
-            still = ok & (res < 1.0)  # the camera's inliers: their residual is the flow's noise
-            a = max(0.5, 3.0 * float(np.median(res[still]))) if still.any() else 0.5
-            ev = np.clip((res - a) / (2 * a), 0, 1)
-            if other is not None:  # and it moves as the object does (not as, say, ripples on water)
-                ev *= np.clip((3 * a - other) / (1.5 * a), 0, 1)
-            total[frame] += np.where(ok, ev, 0)
-            weight[frame] += ok
-    return total / np.maximum(weight, 1e-6), weight
-
-
-def _carry(evidence: np.ndarray, weight: np.ndarray, flow: FlowField, decay: float) -> np.ndarray:
-    """Evidence averaged along the flow, weighted (inconsistent flow tells nothing): forward and
-    backward recursive filters of the weighted sum S_t = decay · S_{t∓1}(carried) + w_t · e_t and of
-    the weights alike; E = (S_ahead + S_behind - w·e) / (W_ahead + W_behind - w), 0 where no weight."""
-    fwd, bwd = flow.forward.numpy(), flow.backward.numpy()
-    t, h, w = evidence.shape
-    xx, yy = _grid(h, w)
-    mass = weight * evidence
-    sums, weights = [], []
-    for order, vectors, step in ((range(1, t), bwd, -1), (range(t - 2, -1, -1), fwd, 1)):
-        s, n = mass.copy(), weight.copy()
-        for i in order:
-            vec = vectors[i - 1] if step == -1 else vectors[i]
-            s[i] += decay * _warp(s[i + step], vec, xx, yy)
-            n[i] += decay * _warp(n[i + step], vec, xx, yy)
-        sums.append(s)
-        weights.append(n)
-    total = sums[0] + sums[1] - mass
-    count = weights[0] + weights[1] - weight
-    return np.where(count > 1e-3, total / np.maximum(count, 1e-3), 0).astype(np.float32)
-
-
-def _first_frame_evidence(frames: torch.Tensor, flow: FlowField, decay: float, span: int = 8) -> np.ndarray:
-    """Frame 0's motion evidence, carried back along the flow from the first ``span`` frames (H, W)."""
-    k = min(span, flow.forward.shape[0])
-    head = FlowField(flow.forward[:k], flow.backward[:k], flow.forward_ok[:k], flow.backward_ok[:k])
-    return _carry(*_evidence(frames[: k + 1], head), head, decay)[0]
 
 
 def masks_from_motion(
@@ -398,6 +445,7 @@ def masks_from_motion(
     iterations: int = 2,
     smooth: float = 0.02,
     max_pixels: int = 100_000,
+    shadows: bool = True,
 ) -> torch.Tensor:
     """The object(s) moving differently from the camera, found from motion alone.
 
@@ -411,6 +459,8 @@ def masks_from_motion(
         max_pixels: GrabCut runs on at most this many pixels around the object (downscaled).
         smooth: the masks' outlines are smoothed by a Gaussian of this fraction of the square root
             of the object's area (their holes filled, small pieces dropped).
+        shadows: take the object's cast shadow out of the masks (:func:`remove_shadows`; it moves
+            with the object, so its motion finds it too).
     Returns:
         (T, H, W) bool, True = object.
     Raises:
@@ -421,7 +471,7 @@ def masks_from_motion(
     start = time.perf_counter()
     images = _frames_hwc(frames)
     t, h, w, _ = images.shape
-    flow = _flow_for(frames, flow)
+    flow = flow_for(frames, flow)
     evidence = _carry(*_evidence(frames, flow), flow, decay)
     seeds = evidence > threshold
     if seeds.mean() < min_area:
@@ -439,7 +489,8 @@ def masks_from_motion(
         labels = _trimap(seed, r)
         masks.append(_clean(_grabcut(images[i], labels, iterations, 2 * r + 4, max_pixels), smooth))
     log.info("masks from motion for %d frames in %.1f s", t, time.perf_counter() - start)
-    return torch.from_numpy(np.stack(masks))
+    out = torch.from_numpy(np.stack(masks))
+    return remove_shadows(frames, out, flow, smooth=smooth) if shadows else out
 
 
 def find_masks(

@@ -101,7 +101,7 @@ class Editor:
         self.dtype = dtype
         self._clip = clip.to(self.device) if clip is not None else None
         self._clip_key: tuple[str, str] | None = None  # None: given, used for every run
-        self.engine: Engine | None = None
+        self.engine: Engine | None = None  # the last run's (its mode, skipped steps); nothing reads it back
 
     def _run_config(self, **prompts) -> Config:
         """A copy of the editor's config for one run, with the prompts given to the call (None keeps
@@ -125,10 +125,10 @@ class Editor:
     def _start(self, run: Run) -> tuple[Clip, Engine]:
         """The CLIP and the engine of a run; seeds torch for the generator's initialisation."""
         clip = self.load_clip(run)
-        self.engine = Engine(run.config.runtime, self.device, self.dtype)
+        engine = self.engine = Engine(run.config.runtime, self.device, self.dtype)
         clip.set_attention(run.config.runtime.attention)
         torch.manual_seed(run.config.seed)
-        return clip, self.engine
+        return clip, engine
 
     @staticmethod
     def objective(clip: Clip, cfg: Config, engine: Engine) -> Objective:
@@ -150,8 +150,9 @@ class Editor:
             is_test_model=is_test,
         )
 
-    def _optimise(self, run: Run, generator, objective, examples_of_step, **kwargs):
+    @staticmethod
+    def _optimise(run: Run, engine: Engine, generator, objective, examples_of_step, **kwargs):
         """The shared training loop (:func:`~t2l_fast.pipeline.engine.optimise`) with the run's
         optimiser settings and seed: -> (loss records, interrupted)."""
         cfg = run.config
-        return optimise(self.engine, generator, objective, examples_of_step, cfg.optim, cfg.seed, **kwargs)
+        return optimise(engine, generator, objective, examples_of_step, cfg.optim, cfg.seed, **kwargs)

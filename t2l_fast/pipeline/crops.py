@@ -5,15 +5,23 @@ generator sees whole."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from ..models.atlas import texels_to_grid
+from ..config import Config
+from ..models.atlas import AtlasData, texels_to_grid
 
-if TYPE_CHECKING:
-    from .video import VideoRun
+
+class VideoInputs(Protocol):
+    """What the sampler reads of a video edit (:class:`~t2l_fast.pipeline.video.VideoRun`): the config,
+    the frames (T, 3, H, W) in [0, 1] and the atlas covering them. Named here so that this module does
+    not import the editor that uses it."""
+
+    config: Config
+    frames: torch.Tensor
+    atlas: AtlasData
 
 
 def foreground_boxes(alpha: torch.Tensor, threshold: float, border: int, smallest: int) -> torch.Tensor:
@@ -54,7 +62,7 @@ class CropSampler:
     full atlas by replicating its border.
     """
 
-    def __init__(self, run: VideoRun, device: torch.device, smallest: int, bucket: int):
+    def __init__(self, run: VideoInputs, device: torch.device, smallest: int, bucket: int):
         cfg = run.config
         self.cfg, self.device, self.smallest, self.bucket = cfg, device, smallest, bucket
         self.layer = cfg.video.layer

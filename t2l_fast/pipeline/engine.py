@@ -13,11 +13,13 @@ The image and video editors share this; it knows nothing of where the crops come
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import operator
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -106,6 +108,20 @@ class Engine:
         with this flag), which also discards whatever the backward pass produced."""
         finite = torch.isfinite(loss.detach())
         torch.where(finite, loss, torch.zeros_like(loss)).backward()
+        return finite
+
+    @staticmethod
+    def backward_group(losses: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`backward` for the losses of N generators trained together, in one backward pass:
+        a non-finite loss contributes zero, so it spoils only its own generator's step. Returns the
+        (N,) bool flags on the device."""
+        if len(losses) == 1:
+            return Engine.backward(losses[0]).reshape(1)
+        finite = torch.stack([torch.isfinite(loss.detach()) for loss in losses])
+        kept = [
+            torch.where(ok, loss, torch.zeros_like(loss)) for ok, loss in zip(finite, losses, strict=True)
+        ]
+        functools.reduce(operator.add, kept).backward()
         return finite
 
     def update(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor | bool = True) -> torch.Tensor:
@@ -277,6 +293,7 @@ class Prefetcher:
 
     def _work(self, plan_of_step, steps: int, gen: torch.Generator) -> None:
         for step in range(steps):
+            item: tuple[object, Exception | None]
             try:
                 item = (plan_of_step(step, gen), None)
             except Exception as exc:  # handed to the loop, raised there
@@ -318,53 +335,81 @@ def optimise(
     *,
     plan_of_step=None,
     on_step=None,
-    after_step=None,
     progress: bool = False,
     desc: str = "editing",
 ) -> tuple[list[dict[str, float]], bool]:
-    """The training loop both editors share.
+    """The training loop of one generator: :func:`optimise_group` with a group of one.
 
     ``examples_of_step(step, gen)`` yields the step's examples as (Layers, cache_key, weight)
-    tuples (it runs the generator lazily); the loss is the weighted sum of the objective's terms.
-    With ``plan_of_step(step, gen)`` (the step's random choices, host work only) the examples are
-    ``examples_of_step(step, plan)`` and may carry a fourth item, the objective's draw; the plans
-    are drawn ahead on a thread when ``engine.prefetch`` (:class:`Prefetcher`: the same numbers).
-    Each example is back-propagated as soon as its loss exists, so a step holds the activations of
-    one example at a time (the gradient is the same as that of the summed loss). MADGRAD with the
-    exponential schedule (``optim_cfg``), as :class:`~t2l_fast.optim.FusedMADGRAD`: the schedule
-    advances only after an applied update. The NaN guard (``engine.backward`` / ``engine.update``)
-    decides on the device.
+    tuples, and ``on_step(step, record)`` sees one record; otherwise as :func:`optimise_group`.
+    Returns (per-step loss records as dicts of floats, interrupted)."""
 
-    No host sync inside a step: the loss records stay on the device and are read back, with the
-    NaN-guard flags, every ``engine.log_every`` steps (``runtime.log_every``) and at the end.
-    ``on_step(step, record)`` is called after every step with a lazy mapping of that step's record:
-    reading it costs a sync, not reading it costs nothing. Ctrl-C ends the loop early.
-    Returns (per-step loss records as dicts of floats, interrupted).
+    def group_examples(step: int, plan):
+        for layers, key, weight, *drawn in examples_of_step(step, plan):
+            yield [layers], key, weight, [drawn[0]] if drawn else None
+
+    hook = None if on_step is None else (lambda step, records: on_step(step, records[0]))
+    histories, interrupted = optimise_group(
+        engine,
+        [generator],
+        [objective],
+        group_examples,
+        optim_cfg,
+        seed,
+        plan_of_step=plan_of_step,
+        on_step=hook,
+        progress=progress,
+        desc=desc,
+    )
+    return histories[0], interrupted
+
+
+def optimise_group(
+    engine: Engine,
+    generators: Sequence[torch.nn.Module],
+    objectives: list,
+    examples_of_step,
+    optim_cfg,
+    seed: int,
+    *,
+    plan_of_step=None,
+    on_step=None,
+    progress: bool = False,
+    desc: str = "editing",
+) -> tuple[list[list[dict[str, float]]], bool]:
+    """The training loop both editors share, for N generators trained together on one draw stream
+    (prompt or seed variants; a lone edit is a group of one). ``seed`` seeds the draws (crops, views).
+
+    ``examples_of_step(step, gen)`` yields (layers, cache_key, weight, draws), ``layers`` and
+    ``draws`` one per generator (``draws`` None: each objective draws from ``gen``); it runs the
+    generators lazily. With ``plan_of_step(step, gen)`` (host draws only) the examples are
+    ``examples_of_step(step, plan)``, the plans drawn ahead on a thread when ``engine.prefetch``
+    (:class:`Prefetcher`: the same numbers). Generator k's loss is the weighted sum of
+    ``objectives[k]``'s terms, back-propagated per example (one pass for the group; the gradient
+    of the summed loss). One :class:`~t2l_fast.optim.FusedMADGRAD` per generator (``optim_cfg``'s
+    schedule, advanced by its own applied updates: a non-finite variant skips alone); the NaN
+    guard decides on the device. No host sync inside a step: records and flags are read back every
+    ``engine.log_every`` steps and at the end. ``on_step(step, records)`` (lazy records, one per
+    generator) ends the run after that step by returning True (:mod:`.callbacks`); Ctrl-C too.
+    Returns (per generator, per-step loss records as dicts of floats; interrupted).
     """
     from tqdm.auto import tqdm
 
-    log_every = engine.log_every
+    log_every, n = engine.log_every, len(generators)
     gen = torch.Generator().manual_seed(seed)
-    opt = FusedMADGRAD(
-        generator.parameters(),
-        lr=optim_cfg.lr,
-        momentum=optim_cfg.momentum,
-        weight_decay=optim_cfg.weight_decay,
-        gamma=optim_cfg.gamma,
-        min_lr=optim_cfg.min_lr,
-    )
-    records: list[StepRecord] = []
+    opts = [_optimiser(g, optim_cfg) for g in generators]
+    records: list[list[StepRecord]] = []  # per step, one per generator
     buffer = RecordBuffer()
     flushed = 0
     interrupted = False
-    log.info("training: %s", engine.describe())
+    log.info("training: %s%s", engine.describe(), f", {n} variants together" if n > 1 else "")
     bar = tqdm(total=optim_cfg.steps, disable=not progress, desc=desc, unit="step", dynamic_ncols=True)
 
     def flush() -> None:
         nonlocal flushed
-        values = resolve_records(records[flushed:])
+        values = resolve_records([r for step in records[flushed:] for r in step])
         engine.flush()
-        if values:
+        if values and n == 1:
             bar.set_postfix({k: f"{v:.3f}" for k, v in values[-1].items()}, refresh=False)
         bar.update(len(records) - flushed)
         flushed = len(records)
@@ -375,28 +420,17 @@ def optimise(
             for step in range(optim_cfg.steps):
                 if engine.cudagraphs:  # a new step: the graphs' outputs of the last one are dead
                     torch.compiler.cudagraph_mark_step_begin()
-                record = StepRecord(buffer)
-                finite = None
                 examples = examples_of_step(step, gen if plans is None else next(plans))
-                while True:
-                    with engine.autocast():  # the generator runs when the next example is drawn
-                        example = next(examples, None)
-                        if example is None:
-                            break
-                        layers, key, weight, *drawn = example
-                        given = {"draw": drawn[0]} if drawn else {}
-                        terms = objective(layers, step, gen, cache_key=key, **given)
-                    record.add(terms, weight)
-                    ok = engine.backward(weight * terms["loss"])
-                    finite = ok if finite is None else finite & ok
-                engine.update(opt, True if finite is None else finite)
-                records.append(record)
+                step_records, finite = _backward_step(engine, objectives, examples, step, gen, buffer)
+                for k, opt in enumerate(opts):
+                    engine.update(opt, finite[k])
+                records.append(step_records)
                 if (step + 1) % log_every == 0:
                     flush()
-                if on_step:
-                    on_step(step, record)
-                if after_step:
-                    after_step(step)
+                if on_step and on_step(step, step_records):
+                    interrupted = True
+                    log.info("stopped by the step callback after %d steps", len(records))
+                    break
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted after %d steps: keeping the current result", len(records))
@@ -405,4 +439,42 @@ def optimise(
             plans.close()
         flush()
         bar.close()
-    return resolve_records(records), interrupted
+    return [resolve_records([step[k] for step in records]) for k in range(n)], interrupted
+
+
+def _optimiser(generator: torch.nn.Module, optim_cfg) -> FusedMADGRAD:
+    return FusedMADGRAD(
+        generator.parameters(),
+        lr=optim_cfg.lr,
+        momentum=optim_cfg.momentum,
+        weight_decay=optim_cfg.weight_decay,
+        gamma=optim_cfg.gamma,
+        min_lr=optim_cfg.min_lr,
+    )
+
+
+def _backward_step(engine: Engine, objectives, examples, step: int, gen, buffer: RecordBuffer):
+    """Run the step's examples (the generators run as each is drawn), record their terms and
+    accumulate every generator's gradient, one backward pass per example for the group. Returns
+    (one record per generator, the finite flags: (N,) bool on the device, or True each without an
+    example)."""
+    n = len(objectives)
+    records = [StepRecord(buffer) for _ in range(n)]
+    finite = None
+    while True:
+        with engine.autocast():  # the generators run when the next example is drawn
+            example = next(examples, None)
+            if example is None:
+                break
+            layers, key, weight, draws = example
+            terms = [objectives[k](layers[k], step, gen, cache_key=key, **_given(draws, k)) for k in range(n)]
+        for record, t in zip(records, terms, strict=True):
+            record.add(t, weight)
+        ok = engine.backward_group([weight * t["loss"] for t in terms])
+        finite = ok if finite is None else finite & ok
+    return records, ([True] * n if finite is None else finite)
+
+
+def _given(draws, k: int) -> dict:
+    """The objective's keyword for a draw made ahead (none: it draws itself)."""
+    return {} if draws is None else {"draw": draws[k]}

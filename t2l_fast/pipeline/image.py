@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +25,11 @@ from ..kernels import composite_rgba
 from ..losses import Layers
 from ..models.generator import Generator, min_side
 from .base import Editor, Result, Run
-from .engine import Engine
+from .callbacks import StepCallback, check_inputs, step_end_hook
+from .engine import Engine, optimise_group
+from .variants import Variant, group_runner, make_variants, variants_per_run
 
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, dict[str, float]], None]
-PreviewCallback = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
@@ -86,13 +84,14 @@ class ImageEditor(Editor):
     def prepare(
         self,
         image,
-        prompt: str | None = None,
-        screen_prompt: str | None = None,
-        roi_prompt: str | None = None,
+        prompt: str | list[str] | None = None,
+        screen_prompt: str | list[str] | None = None,
+        roi_prompt: str | list[str] | None = None,
+        seed: int | None = None,
     ) -> ImageRun:
-        """Validate everything cheap before any model loads: the run's config (prompts applied, seed
-        drawn) and the source, read and sized."""
-        cfg = self._run_config(prompt=prompt, screen_prompt=screen_prompt, roi_prompt=roi_prompt)
+        """Validate everything cheap before any model loads: the run's config (prompts and seed
+        applied, a random seed drawn for -1) and the source, read and sized."""
+        cfg = self._run_config(prompt=prompt, screen_prompt=screen_prompt, roi_prompt=roi_prompt, seed=seed)
         cfg.validate()
         smallest = min_side(cfg.generator.scales)
         if cfg.data.size and cfg.data.size < smallest:
@@ -103,47 +102,105 @@ class ImageEditor(Editor):
             cfg.seed = random.randrange(2**31)
         return ImageRun(cfg, source[None], notes)
 
+    def prepare_variants(self, image, variants: list[Variant]) -> list[ImageRun]:
+        """One prepared run per variant (:func:`~t2l_fast.pipeline.variants.make_variants`), all
+        on one draw stream: ``config.draw_seed``, else the first variant's seed."""
+        runs = [self.prepare(image, v.prompt, v.screen_prompt, v.roi_prompt, seed=v.seed) for v in variants]
+        first = runs[0].config
+        draw_seed = first.seed if first.draw_seed is None else first.draw_seed
+        for run in runs:
+            run.config.draw_seed = draw_seed
+        return runs
+
     def __call__(
         self,
         image,
-        prompt: str | None = None,
-        screen_prompt: str | None = None,
-        roi_prompt: str | None = None,
+        prompt: str | list[str] | None = None,
+        screen_prompt: str | list[str] | None = None,
+        roi_prompt: str | list[str] | None = None,
         *,
-        on_step: StepCallback | None = None,
-        on_preview: PreviewCallback | None = None,
+        seed: int | list[int] | None = None,
+        callback: StepCallback | None = None,
+        callback_inputs: tuple[str, ...] = (),
         progress: bool = False,
-    ) -> EditResult:
-        """Edit ``image`` (path, PIL image or (3, H, W) tensor in [0, 1]) as the prompts say."""
-        run = self.prepare(image, prompt, screen_prompt, roi_prompt)
+    ):
+        """Edit ``image`` (path, PIL image or (3, H, W) tensor in [0, 1]) as the prompts say: an
+        :class:`EditResult`. A list of prompts or of seeds makes variants (every prompt with every
+        seed, trained together): a list of results, one per variant, in that order.
+        ``callback``: called after every step (:mod:`~t2l_fast.pipeline.callbacks`), with the
+        pictures named in ``callback_inputs`` every ``config.preview_every`` steps."""
+        check_inputs(callback_inputs)
+        if isinstance(prompt, (list, tuple)) or isinstance(seed, (list, tuple)):
+            chosen = self.config.prompt if prompt is None else prompt
+            variants = make_variants(
+                chosen, self.config.seed if seed is None else seed, screen_prompt, roi_prompt
+            )
+            runs = self.prepare_variants(image, variants)
+            for note in runs[0].notes:
+                log.info(note)
+            return self.train_variants(
+                runs, callback=callback, callback_inputs=callback_inputs, progress=progress
+            )
+        run = self.prepare(image, prompt, screen_prompt, roi_prompt, seed=seed)
         for note in run.notes:
             log.info(note)
-        return self.train(run, on_step=on_step, on_preview=on_preview, progress=progress)
+        return self.train(run, callback=callback, callback_inputs=callback_inputs, progress=progress)
 
-    def train(
+    def train(self, run: ImageRun, **kwargs) -> EditResult:
+        """The optimisation loop on a prepared run (from ``prepare``). Ctrl-C, or the callback
+        returning True, ends it early with the current generator (``result.interrupted``).
+        Keywords: ``callback``, ``callback_inputs``, ``progress`` (see ``__call__``)."""
+        return self._train([run], **kwargs)[0]
+
+    def train_variants(self, runs: list[ImageRun], **kwargs) -> list[EditResult]:
+        """The prepared variants (``prepare_variants``) trained together, as many per run as
+        ``runtime.variants_per_run`` (0: what the device's memory holds; on the CPU, 2) allows: the
+        same numbers in any chunking (one draw stream). The callback sees ``state.variant``."""
+        cfg = runs[0].config
+        bytes_per_variant = _bytes_per_variant(runs[0].source.shape[-2:], cfg)
+        size = variants_per_run(len(runs), self.device, cfg.runtime.variants_per_run, bytes_per_variant)
+        if size < len(runs):
+            log.warning(
+                "%d variants: trained %d at a time (runtime.variants_per_run; memory on a GPU)",
+                len(runs),
+                size,
+            )
+        results: list[EditResult] = []
+        for start in range(0, len(runs), size):
+            results += self._train(runs[start : start + size], first=start, **kwargs)
+        return results
+
+    def _train(
         self,
-        run: ImageRun,
+        runs: list[ImageRun],
         *,
-        on_step: StepCallback | None = None,
-        on_preview: PreviewCallback | None = None,
+        callback: StepCallback | None = None,
+        callback_inputs: tuple[str, ...] = (),
         progress: bool = False,
-    ) -> EditResult:
-        """The optimisation loop on a prepared run (from ``prepare``). Ctrl-C ends it early with the
-        current generator (``result.interrupted``)."""
-        device, cfg = self.device, run.config
-        clip, engine = self._start(run)
-        source = run.source.to(device)
-        generator = Generator(cfg.generator).to(device)
-        run_generator = engine.compiled(generator)
+        first: int = 0,
+    ) -> list[EditResult]:
+        """Train the runs' generators together (one, or a group of variants on one draw stream)."""
+        asked = check_inputs(callback_inputs)
+        device, cfg, n = self.device, runs[0].config, len(runs)
+        clip, engine = self._start(runs[0])
+        source = runs[0].source.to(device)
+        generators = []
+        for run in runs:  # each generator initialised from its own seed, as a lone edit's
+            torch.manual_seed(run.config.seed)
+            generators.append(Generator(run.config.generator).to(device))
+        stack = {"on": True, "off": False}.get(cfg.runtime.stack_variants, device.type == "cuda")
+        run_generators = group_runner(generators, engine.compiled, stack)
         run_crop = engine.compiled(render_crop)
-        objective = self.objective(clip, cfg, engine)
-
-        hw = tuple(source.shape[-2:])
+        objectives = [self.objective(clip, run.config, engine) for run in runs]
+        objective = objectives[0]  # the draws: the same numbers for every variant (checked)
+        if any(o.draw_signature != objective.draw_signature for o in objectives):
+            raise InputError("variants must share their prompts' structure (ROI prompt for all or none)")
+        hw = (int(source.shape[-2]), int(source.shape[-1]))
 
         def plan_of_step(step: int, gen: torch.Generator):
             """The step's random choices, on the host: the training crop (the draws of
             :func:`~t2l_fast.augment.draw_example`), then the objective's for each example."""
-            crop = draw_crop(hw, cfg.data, gen, generator.min_side, engine.bucket)
+            crop = draw_crop(hw, cfg.data, gen, generators[0].min_side, engine.bucket)
             draws = [objective.plan(step, crop.params.size, gen)]
             if step % cfg.data.source_every == 0:  # the un-augmented input: its targets are cached
                 draws.append(objective.plan(step, hw, gen))
@@ -153,35 +210,43 @@ class ImageEditor(Editor):
             crop, draws = plan
             images = [(run_crop(source, crop.to(device)), None), (source, ("source",))][: len(draws)]
             for (image, key), draw in zip(images, draws, strict=True):
-                rgba = run_generator(image).float()
-                yield Layers.from_rgba(rgba, image), key, 1.0 / len(draws), draw
+                layers = [Layers.from_rgba(rgba.float(), image) for rgba in run_generators(image)]
+                yield layers, key, 1.0 / len(draws), [draw] * n
 
-        def after_step(step: int) -> None:
-            if on_preview and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
-                on_preview(step, self.render(generator, source)[0][0].cpu())
+        def pictures(k: int) -> dict[str, torch.Tensor]:
+            composite, rgba, _ = self.render(generators[k], source, engine)
+            return {"composite": composite[0].cpu(), "rgba": rgba[0].cpu()}
 
-        history, interrupted = self._optimise(
-            run,
-            generator,
-            objective,
+        hook = step_end_hook(callback, cfg.optim.steps, asked, cfg.preview_every, pictures, first)
+        histories, interrupted = optimise_group(
+            engine,
+            generators,
+            objectives,
             examples_of_step,
+            cfg.optim,
+            cfg.seed if cfg.draw_seed is None else cfg.draw_seed,
             plan_of_step=plan_of_step,
-            on_step=on_step,
-            after_step=after_step,
+            on_step=hook,
             progress=progress,
+            desc="editing" if n == 1 else f"editing {n} variants",
         )
-        return self._result(cfg, generator, source, history, interrupted, clip.is_test_model)
+        return [
+            self._result(run.config, g, source, engine, history, interrupted, clip.is_test_model)
+            for run, g, history in zip(runs, generators, histories, strict=True)
+        ]
 
+    @staticmethod
     @torch.no_grad()
-    def render(self, generator: Generator, source: torch.Tensor):
-        """Run the generator on the whole source: (composite, rgba, greenscreen), batched (1, C, H, W)."""
-        with self.engine.autocast():
+    def render(generator: Generator, source: torch.Tensor, engine: Engine):
+        """Run the generator on the whole source (1, 3, H, W) under ``engine``'s precision:
+        (composite, rgba, greenscreen), batched (1, C, H, W)."""
+        with engine.autocast():
             rgba = generator(source).float()
         out = composite_rgba(rgba, source)
         return out.composite, rgba, out.greenscreen
 
-    def _result(self, cfg, generator, source, history, interrupted, is_test) -> EditResult:
-        composite, rgba, greenscreen = self.render(generator, source)
+    def _result(self, cfg, generator, source, engine, history, interrupted, is_test) -> EditResult:
+        composite, rgba, greenscreen = self.render(generator, source, engine)
         return EditResult(
             source=source[0].cpu(),
             composite=composite[0].cpu(),
@@ -205,7 +270,17 @@ class ImageEditor(Editor):
             setattr(cfg.generator, k, v)
         source, _ = to_image_tensor(image)
         source = fit_size(source, cfg.data.size, min_side(cfg.generator.scales))[None].to(self.device)
-        self.engine = Engine(cfg.runtime, self.device, self.dtype)
+        engine = Engine(cfg.runtime, self.device, self.dtype)
         generator = Generator(cfg.generator).to(self.device)
         generator.load_state_dict(load_file(str(path)))
-        return self._result(cfg, generator, source, [], False, False)
+        return self._result(cfg, generator, source, engine, [], False, False)
+
+
+def _bytes_per_variant(hw, cfg) -> int:
+    """An estimate of one variant's activation memory in a step at source size ``hw``: the
+    generator's feature maps (fp32 and their gradients) at the largest crop. bench_memory measures
+    the real figure on a GPU."""
+    h, w = hw
+    side = cfg.data.scale_max**2 * h * w
+    channels = cfg.generator.channels_down + cfg.generator.channels_up + cfg.generator.channels_skip
+    return int(side * channels * 4 * 2 * 6)  # 4 bytes, with gradient, ~6 maps per level's width

@@ -28,12 +28,13 @@ from ..augment import ColourParams, apply_colour
 from ..io import InputError, save_png
 from ..kernels import composite_rgba, sample_atlas
 from ..losses import Layers
-from ..models.atlas import AtlasData, load_nla_checkpoint, precompute_atlas
+from ..models.atlas import AtlasData
 from ..models.generator import Generator
+from ..models.nla import load_nla_checkpoint, precompute_atlas
 from ..video_io import read_video, write_frames, write_video
 from .base import Editor, Result, Run
+from .callbacks import StepCallback, step_end_hook
 from .crops import CropSampler
-from .image import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,11 @@ class VideoEditor(Editor):
         if cfg.seed < 0:
             cfg.seed = random.randrange(2**31)
 
+        data: AtlasData | None
         if isinstance(atlas, AtlasData):
             data, kind, file = atlas, "given", None
         else:
+            assert cfg.video.atlas is not None  # checked above
             file, kind = resolve_atlas_path(cfg.video.atlas)
             data = AtlasData.load(file) if kind == "own" else None
             models = load_nla_checkpoint(file) if kind == "nla" else None
@@ -166,6 +169,7 @@ class VideoEditor(Editor):
                     f"pass --frames {trained}"
                 )
             log.info("evaluating the atlas networks over %d frames of %dx%d", t, *size)
+            assert models is not None  # no atlas data: an NLA checkpoint was read
             data = precompute_atlas(
                 models.to(self.device), t, size[1], size[0], grid=cfg.video.grid, trained_frames=trained
             )
@@ -199,17 +203,18 @@ class VideoEditor(Editor):
         roi_prompt=None,
         layer=None,
         *,
-        on_step: StepCallback | None = None,
+        callback: StepCallback | None = None,
         progress: bool = False,
     ) -> VideoEditResult:
         run = self.prepare(video, atlas, prompt, screen_prompt, roi_prompt, layer)
-        return self.train(run, on_step=on_step, progress=progress)
+        return self.train(run, callback=callback, progress=progress)
 
     # -- training -----------------------------------------------------------------------------------
     def train(
-        self, run: VideoRun, *, on_step: StepCallback | None = None, progress: bool = False
+        self, run: VideoRun, *, callback: StepCallback | None = None, progress: bool = False
     ) -> VideoEditResult:
-        """The optimisation loop on a prepared run (from ``prepare``); Ctrl-C ends it early."""
+        """The optimisation loop on a prepared run (from ``prepare``); Ctrl-C, or the callback
+        (:mod:`~t2l_fast.pipeline.callbacks`: no pictures for a video) returning True, ends it early."""
         device, cfg = self.device, run.config
         clip, engine = self._start(run)
         generator = Generator(cfg.generator).to(device)
@@ -224,15 +229,7 @@ class VideoEditor(Editor):
         shrink = cfg.video.crop_downscale
 
         def jitter(x: torch.Tensor, gen: torch.Generator, also: torch.Tensor | None = None):
-            """The original's crop augmentation: colour jitter (0.1) with probability data.jitter_p,
-            applied to ``x`` (and with the same factors to each image of ``also``)."""
-            if float(torch.rand(1, generator=gen)) >= cfg.data.jitter_p:
-                return x, also
-            colour = ColourParams.draw(1, 1.0, 0.1, 0.0, gen).to(x.device)
-            if also is None:
-                return apply_colour(x, colour), None
-            every = colour.map(lambda t: t.expand(len(also), *t.shape[1:]))
-            return apply_colour(x, colour), apply_colour(also, every)
+            return _jitter(x, gen, cfg.data.jitter_p, also)
 
         def examples_of_step(step: int, gen: torch.Generator):
             crop = sampler.draw(gen)
@@ -243,24 +240,7 @@ class VideoEditor(Editor):
             atlas_in = _downscaled(atlas_in, shrink)  # the fused op samples any size (normalised UVs)
             rgba = generate(atlas_in.flip(-1) if flip else atlas_in)
             rgba = rgba.flip(-1) if flip else rgba
-            if foreground:
-                # the original renders the layer over its own input, samples it, then multiplies by
-                # A: A·a·C + (1 - a)·A·F (its alpha A·a and green screen are the fused op's own)
-                out = sample_atlas(rgba[0], crop.grid, seen, crop.opacity)
-                plain = sample_atlas(rgba[0], crop.grid, seen, None)
-                composite = crop.opacity[:, None] * plain.composite
-            else:
-                out = sample_atlas(rgba[0], crop.grid, seen, crop.opacity)
-                composite = out.composite
-            a = out.alpha.float()
-            frames = Layers(
-                seen,
-                composite,
-                out.greenscreen,
-                out.alpha,
-                a.mean(dim=(1, 2, 3)),
-                (2 * torch.sigmoid(5 * a) - 1).mean(dim=(1, 2, 3)),
-            )
+            frames = _frame_layers(rgba[0], crop, seen, foreground)
             # one window fed to the generator directly, as the original: the layer's reconstruction
             # (background: the atlas sampled there, without the object; foreground: the object over
             # black), jittered and flipped like the atlas crop; a foreground output is multiplied by A
@@ -288,21 +268,21 @@ class VideoEditor(Editor):
 
         history, interrupted = self._optimise(
             run,
+            engine,
             generator,
             objective,
             examples_of_step,
-            on_step=on_step,
+            on_step=step_end_hook(callback, cfg.optim.steps),
             progress=progress,
             desc=f"editing {cfg.video.layer}",
         )
-        return self._render(run, generator, sampler, history, interrupted, clip.is_test_model)
+        return self._render(run, generator, sampler, engine, history, interrupted, clip.is_test_model)
 
     @torch.no_grad()
     def _render(
-        self, run: VideoRun, generator, sampler: CropSampler, history, interrupted, is_test
+        self, run: VideoRun, generator, sampler: CropSampler, engine, history, interrupted, is_test
     ) -> VideoEditResult:
         """The generator on the whole atlas once, sampled at every pixel's UV, over the original frames."""
-        engine = self.engine
         region = sampler.region_image  # (1, 3, h, w): foreground: the object's part of the atlas
         with engine.autocast():
             rgba = _at_least(
@@ -330,6 +310,41 @@ class VideoEditor(Editor):
             layer=sampler.layer,
             **self._result_fields(run.config, generator, history, interrupted, is_test),
         )
+
+
+def _frame_layers(rgba: torch.Tensor, crop, seen: torch.Tensor, foreground: bool) -> Layers:
+    """The crop's frames as the losses see them: the atlas edit ``rgba`` (4, h, w) sampled at the
+    windows' UVs and composited over the (jittered) frames ``seen``."""
+    if foreground:
+        # the original renders the layer over its own input, samples it, then multiplies by
+        # A: A·a·C + (1 - a)·A·F (its alpha A·a and green screen are the fused op's own)
+        out = sample_atlas(rgba, crop.grid, seen, crop.opacity)
+        plain = sample_atlas(rgba, crop.grid, seen, None)
+        composite = crop.opacity[:, None] * plain.composite
+    else:
+        out = sample_atlas(rgba, crop.grid, seen, crop.opacity)
+        composite = out.composite
+    a = out.alpha.float()
+    return Layers(
+        seen,
+        composite,
+        out.greenscreen,
+        out.alpha,
+        a.mean(dim=(1, 2, 3)),
+        (2 * torch.sigmoid(5 * a) - 1).mean(dim=(1, 2, 3)),
+    )
+
+
+def _jitter(x: torch.Tensor, gen: torch.Generator, p: float, also: torch.Tensor | None = None):
+    """The original's crop augmentation: colour jitter (0.1) with probability ``p``, applied to ``x``
+    (and with the same factors to each image of ``also``): -> (x, also), jittered or not."""
+    if float(torch.rand(1, generator=gen)) >= p:
+        return x, also
+    colour = ColourParams.draw(1, 1.0, 0.1, 0.0, gen).to(x.device)
+    if also is None:
+        return apply_colour(x, colour), None
+    every = colour.map(lambda t: t.expand(len(also), *t.shape[1:]))
+    return apply_colour(x, colour), apply_colour(also, every)
 
 
 def _downscaled(x: torch.Tensor, factor: int) -> torch.Tensor:

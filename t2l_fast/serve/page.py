@@ -14,8 +14,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the
 
 import gradio as gr  # noqa: E402
 
-from .io import InputError  # noqa: E402
-from .serve import ADVANCED_KEYS, TEST_MODEL_NOTE, App, advanced_defaults, samples  # noqa: E402
+from ..io import InputError  # noqa: E402
+from .app import ADVANCED_KEYS, App, advanced_defaults  # noqa: E402
+from .inputs import TEST_MODEL_NOTE, samples  # noqa: E402
 
 RUN_QUEUE = "device"  # concurrency id of every run
 INTRO = (
@@ -106,6 +107,23 @@ def _image_tab(app: App, sample_paths: dict) -> None:
             with gr.Row():
                 run = gr.Button("Edit", variant="primary", elem_id="run")
                 cancel = gr.Button("Cancel (keep the current result)", variant="stop", elem_id="cancel")
+            with gr.Accordion(
+                "Variants: several prompts or seeds, trained together", open=False, elem_id="variants"
+            ):
+                variant_prompts = gr.Textbox(
+                    label="One prompt a line (not the Prompt field; screen and ROI prompts apply to all)",
+                    placeholder="a golden cat\nan ice cat\na wooden cat",
+                    lines=3,
+                    elem_id="variant-prompts",
+                )
+                variant_seeds = gr.Number(
+                    value=1,
+                    precision=0,
+                    minimum=1,
+                    label="Seeds per prompt (from the Seed field)",
+                    elem_id="variant-seeds",
+                )
+                run_variants = gr.Button("Edit variants", variant="primary", elem_id="run-variants")
         with gr.Column(scale=1):
             status = gr.Markdown(
                 "Upload an image or pick a sample, write a prompt, press Edit.", elem_id="status"
@@ -128,6 +146,19 @@ def _image_tab(app: App, sample_paths: dict) -> None:
         label="Download: the output folder (zip with config.yaml and generator.safetensors)",
         interactive=False,
         elem_id="download",
+    )
+    gr.Markdown("### Variants")
+    gallery = gr.Gallery(
+        label="Variants: live previews, then each composite (the sheet first)",
+        columns=4,
+        height=320,
+        interactive=False,
+        elem_id="variants-gallery",
+    )
+    variants_download = gr.File(
+        label="Download: every variant's folder, variants.png and variants.json (zip)",
+        interactive=False,
+        elem_id="variants-download",
     )
 
     def load(path):
@@ -175,6 +206,38 @@ def _image_tab(app: App, sample_paths: dict) -> None:
     check_first = dict(concurrency_limit=None, show_progress="hidden")  # bad input: a notice, no badge
     run.click(check, [source_path, *fields], status, **check_first).success(
         edit, [source_path, *fields], outputs, concurrency_limit=1, concurrency_id=RUN_QUEUE
+    )
+
+    def variants_of(text, seeds, *values):
+        """The config (the box's first prompt in the Prompt field's place) and the variants."""
+        first = app.variant_prompts(text)[0]
+        cfg = config(first, *values[1:])
+        return cfg, app.variants(text, seeds, cfg)
+
+    def check_variants(path, text, seeds, *values):
+        try:
+            app.load_image(path)
+            variants_of(text, seeds, *values)
+        except InputError as exc:
+            raise _error(exc) from None
+        return "waiting for the device ..."
+
+    variant_names = ["status", "gallery", "download"]
+
+    def edit_variants(request: gr.Request, path, text, seeds, *values):
+        try:
+            cfg, variants = variants_of(text, seeds, *values)
+            yield from _outputs(app.edit_variants(_session(request), path, cfg, variants), variant_names)
+        except InputError as exc:
+            yield _failed(exc, variant_names)
+
+    variant_fields = [source_path, variant_prompts, variant_seeds, *fields]
+    run_variants.click(check_variants, variant_fields, status, **check_first).success(
+        edit_variants,
+        variant_fields,
+        [status, gallery, variants_download],
+        concurrency_limit=1,
+        concurrency_id=RUN_QUEUE,
     )
 
     def stop(request: gr.Request = None):

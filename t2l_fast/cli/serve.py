@@ -7,9 +7,10 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import fail
-from .device import resolve_device
-from .io import InputError
+from ..device import resolve_device
+from ..io import InputError
+from ..request import check_clip_weights
+from .common import fail
 
 UI_EXTRA = 'the web page needs the ui extra: python -m pip install -e ".[ui]"'
 
@@ -33,7 +34,7 @@ def serve(
     max_megapixels: float = typer.Option(25.0, help="Largest image the page accepts, in megapixels."),
 ) -> None:
     """Serve a web page to edit images and videos: upload, prompt, watch the edit form, download."""
-    from .serve import Limits, free_port_error
+    from ..serve import Limits, free_port_error
 
     try:
         import gradio  # noqa: F401
@@ -45,20 +46,19 @@ def serve(
         if max_upload_mb < 1 or max_megapixels <= 0:
             raise InputError("--max-upload-mb and --max-megapixels must be positive")
         dev = resolve_device(device)  # a bad or unavailable device fails here, before anything loads
-        if clip_weights is not None and not clip_weights.is_file():
-            raise InputError(f"--clip-weights file not found: {clip_weights}")
+        check_clip_weights(clip_weights)
         problem = free_port_error(host, port)
         if problem:
             raise InputError(problem)
-        from .models.clip import load_clip
+        from ..models.clip import load_clip
 
         typer.echo(f"loading CLIP {clip} on {dev} ...", err=True)
         model = load_clip(clip, clip_weights, dev)  # once, for every request
     except InputError as exc:
         raise fail(str(exc)) from None
 
-    from .serve import App
-    from .serve_page import build_page
+    from ..serve import App
+    from ..serve.page import build_page
 
     folder = workdir or Path(tempfile.mkdtemp(prefix="t2l-serve-"))
     app = App(model, dev, folder, Limits(max_upload_mb=max_upload_mb, max_megapixels=max_megapixels))

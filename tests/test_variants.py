@@ -1,0 +1,207 @@
+"""Many looks at once: variants trained together equal their lone runs, skip alone, are checked
+before any model loads, and are written as a person compares them."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from t2l_fast import ImageEditor, InputError
+from t2l_fast.config import GeneratorConfig, RuntimeConfig
+from t2l_fast.models.generator import Generator
+from t2l_fast.pipeline.engine import Engine, optimise, optimise_group
+from t2l_fast.pipeline.variants import (
+    StackedGenerators,
+    grid_layout,
+    make_variants,
+    save_variants,
+    variants_per_run,
+)
+from tests.conftest import small_config
+
+
+def _config():
+    cfg = small_config(steps=4, lambda_structure=1.0)
+    cfg.runtime.mode = "fast"
+    cfg.roi_prompt, cfg.loss.bootstrap_steps = "cat", 3  # bootstrap weight changing per step
+    cfg.data.source_every = 2  # the whole image at steps 0 and 2
+    cfg.runtime.variants_per_run = 3  # 4 variants: a group of 3, then 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.rand(3, 151, 197, generator=torch.Generator().manual_seed(4))  # odd sizes
+
+
+@pytest.fixture(scope="module")
+def group(tiny_clip, image):
+    sizes = []
+    cfg = _config()
+    editor = ImageEditor(cfg, device="cpu", clip=tiny_clip)
+    results = editor(
+        image,
+        prompt=["golden", "wooden"],
+        seed=[3, 8],
+        callback=lambda s: sizes.append((s.step, s.variant)),
+    )
+    return results, sizes
+
+
+def _assert_same_run(got, want):
+    assert len(got.losses) == len(want.losses) == 4
+    for step, (g, w) in enumerate(zip(got.losses, want.losses, strict=True)):
+        assert set(g) == set(w)
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-8), (step, key)
+    for name, w in want.generator_state.items():
+        torch.testing.assert_close(got.generator_state[name], w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 3])  # in the first group of 3; alone in the second chunk
+def test_each_variant_equals_its_lone_run(tiny_clip, image, group, k):
+    results, _ = group
+    prompt, seed = [("golden", 3), ("golden", 8), ("wooden", 3), ("wooden", 8)][k]
+    cfg = _config()
+    cfg.draw_seed = 3  # the group's draw stream: the first variant's seed
+    lone = ImageEditor(cfg, device="cpu", clip=tiny_clip)(image, prompt=prompt, seed=seed)
+    _assert_same_run(results[k], lone)
+    assert results[k].config.prompt == prompt and results[k].config.seed == seed
+    assert results[k].config.draw_seed == 3  # its config.yaml re-runs it alone
+    assert {"bootstrap", "structure", "comp_dir"} <= set(lone.losses[0])
+    other = results[k - 1].generator_state  # a different seed or prompt: a different edit
+    assert not torch.equal(other["head.weight"], results[k].generator_state["head.weight"])
+
+
+def test_the_callback_sees_every_variant_each_step(group):
+    _, seen = group
+    assert seen == [(s, v) for s in range(4) for v in range(3)] + [(s, 3) for s in range(4)]
+
+
+class _Objective:
+    def __init__(self, nan_steps=()):
+        self.nan_steps = set(nan_steps)
+
+    def __call__(self, y, step, gen, cache_key=None, draw=None):
+        loss = ((y - draw) ** 2).mean()  # the target drawn ahead, shared by the variants
+        return {"loss": loss * float("nan") if step in self.nan_steps else loss}
+
+
+def _nets():
+    torch.manual_seed(0)
+    return [
+        torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)) for _ in range(2)
+    ]
+
+
+def test_a_non_finite_variant_skips_alone():
+    cfg = small_config(steps=5).optim
+    cfg.lr = 1e-2
+    x = torch.linspace(-1, 1, 15).view(3, 5)
+    engine = Engine(RuntimeConfig(mode="fast", log_every=2), torch.device("cpu"))
+    nets = _nets()
+    objectives = [_Objective(), _Objective(nan_steps=(2,))]
+
+    def examples(step, gen):
+        target = torch.rand(3, 2, generator=gen)  # differs from step to step
+        yield [net(x * (1 + step)) for net in nets], None, 1.0, [target, target]
+
+    histories, _ = optimise_group(engine, nets, objectives, examples, cfg, 9)
+    assert np.isnan(histories[1][2]["loss"]) and engine.nonfinite_steps == 1
+    lone_nets = _nets()
+    for k, net in enumerate(lone_nets):  # each alone, with its own NaN step: the same weights
+
+        def one(step, gen, net=net):
+            yield net(x * (1 + step)), None, 1.0, torch.rand(3, 2, generator=gen)
+
+        lone_engine = Engine(RuntimeConfig(mode="fast"), torch.device("cpu"))
+        lone, _ = optimise(lone_engine, net, objectives[k], one, cfg, 9)
+        assert [h["loss"] for h in lone] == pytest.approx([h["loss"] for h in histories[k]], nan_ok=True)
+        for a, b in zip(net.parameters(), nets[k].parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_stacked_generators_compute_each_generators_output_and_gradient():
+    """The stacked call (the GPU's default): fp64 so that the generator's ill-conditioned fp32
+    gradient does not hide an error."""
+    cfg = GeneratorConfig(channels_down=8, channels_up=8, channels_skip=4)
+    torch.manual_seed(1)
+    gens = [Generator(cfg).double() for _ in range(3)]
+    x = torch.rand(1, 3, 131, 157, dtype=torch.float64)  # odd sizes: the crop after upsampling
+    target = torch.rand(3, 1, 4, 131, 157, dtype=torch.float64)
+    out = StackedGenerators(gens)(x)
+    ((out - target) ** 2 * torch.arange(1.0, 4.0, dtype=torch.float64).view(3, 1, 1, 1, 1)).sum().backward()
+    for k, g in enumerate(gens):
+        ref = copy.deepcopy(g)
+        ref.zero_grad(set_to_none=True)
+        alone = ref(x)
+        torch.testing.assert_close(out[k].detach(), alone.detach(), rtol=1e-10, atol=1e-12)
+        ((alone - target[k]) ** 2 * (k + 1)).sum().backward()
+        for (name, p), q in zip(g.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_bad_variants_are_one_line_before_any_model_loads():
+    with pytest.raises(InputError, match="prompt 2 of 2 is empty"):
+        make_variants(["golden", " "])
+    with pytest.raises(InputError, match="'golden' given twice"):
+        make_variants(["golden", "icy", "golden"])
+    with pytest.raises(InputError, match="seed 1 given twice"):
+        make_variants(["golden"], [1, 2, 1])
+    with pytest.raises(InputError, match="--screen-prompt given 2 times for 3 prompts"):
+        make_variants(["a", "b", "c"], screen_prompts=["x", "y"])
+    with pytest.raises(InputError, match="for some prompts only"):
+        make_variants(["a", "b"], roi_prompts=["horse", None])
+    got = make_variants(["a", "b"], [0, 5], screen_prompts=["x"], roi_prompts=["r1", "r2"])
+    assert [(v.prompt, v.seed, v.screen_prompt, v.roi_prompt) for v in got] == [
+        ("a", 0, "x", "r1"),
+        ("a", 5, "x", "r1"),
+        ("b", 0, "x", "r2"),
+        ("b", 5, "x", "r2"),
+    ]
+    assert [v.name for v in got] == ["a-s0", "a-s5", "b-s0", "b-s5"]
+
+
+def test_variants_per_run():
+    cpu = torch.device("cpu")
+    assert variants_per_run(8, cpu, 0) == 2 and variants_per_run(8, cpu, 5) == 5
+    assert variants_per_run(1, cpu, 0) == 1 and variants_per_run(3, cpu, 9) == 3
+
+
+def test_outputs_a_person_compares(tmp_path, group):
+    results, _ = group
+    variants = make_variants(["golden", "wooden"], [3, 8])
+    save_variants(tmp_path, variants, results)
+    sheet = np.asarray(Image.open(tmp_path / "variants.png").convert("RGB")).astype(np.float32) / 255
+    (gh, gw), boxes = grid_layout((151, 197), 4)
+    assert sheet.shape == (gh, gw, 3) and len(boxes) == 5
+    pictures = [results[0].source] + [r.composite for r in results]
+
+    def tile_error(picture, box):
+        top, left, th, tw = box
+        want = F.interpolate(picture[None], size=(th, tw), mode="bilinear", antialias=True)[0]
+        got = torch.from_numpy(sheet[top : top + th, left : left + tw]).permute(2, 0, 1)
+        return float((got - want.clamp(0, 1)).abs().mean())
+
+    for i, box in enumerate(boxes):
+        errors = [tile_error(p, box) for p in pictures]
+        assert errors[i] < 0.06 and errors[i] == min(errors), (
+            i,
+            errors,
+        )  # its own picture (noise: resampling differs)
+        top, left, th, tw = box
+        assert sheet[top + th + 2 : top + th + 40, left : left + tw].min() < 0.5  # a caption under it
+    summary = json.loads((tmp_path / "variants.json").read_text())
+    assert [(s["prompt"], s["seed"], s["name"]) for s in summary] == [
+        (v.prompt, v.seed, v.name) for v in variants
+    ]
+    assert summary[2]["final_losses"] == results[2].losses[-1]
+    for v in variants:
+        assert (tmp_path / v.name / "composite.png").is_file()
+        assert (tmp_path / v.name / "generator.safetensors").is_file()
