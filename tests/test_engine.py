@@ -140,6 +140,20 @@ def test_recompiles_stay_bounded_with_varying_crop_sizes(tiny_clip):
     assert graphs == 3
 
 
+def test_a_square_first_crop_does_not_tie_height_to_width(tiny_clip):
+    """The first crop of this image is 192x192 (bucket 64), later ones are not: with duck sizing the
+    objective's graph took H == W as a guard and compiled again at the first non-square crop."""
+    from t2l_fast.augment import draw_crop
+
+    image = torch.rand(3, 151, 197, generator=torch.Generator().manual_seed(4))
+    cfg = small_config(steps=4, lambda_structure=1.0)
+    cfg.runtime.mode, cfg.runtime.compile, cfg.runtime.compile_backend = "fast", "on", "aot_eager"
+    first = draw_crop((151, 197), cfg.data, torch.Generator().manual_seed(cfg.seed), 129, 64)
+    assert first.params.size == (192, 192)  # the draw stream's first crop (the run's draws follow)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert _unique_graphs(cfg, tiny_clip, image) == 3
+
+
 def test_engine_resolution():
     cpu = torch.device("cpu")
     e = Engine(RuntimeConfig(), cpu)

@@ -63,6 +63,9 @@ class Engine:
         self._consecutive_bad = 0
         self._pending: list[torch.Tensor] = []  # "applied" flags not yet read back
         if self.compile:
+            # sizes that happen to be equal in the first step (a square crop) must not become one
+            # symbol: a later non-square crop would recompile the region
+            torch.fx.experimental._config.use_duck_shape = False
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
             os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
