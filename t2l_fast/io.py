@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -202,3 +203,10 @@ def save_text(text: str, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
     return Path(path)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A folder-name form of ``text``: lower-case letters and digits joined by "-", at most ``limit``
+    characters; a text without any is named by its hash."""
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    return name or "p" + hashlib.sha1(text.encode()).hexdigest()[:8]

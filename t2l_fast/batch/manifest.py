@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, apply_dict, flatten
-from ..io import InputError
+from ..io import InputError, slug
 from ..request import IMAGE_ONLY, VIDEO_ONLY, OptionError, edit_base, edit_config, is_video_input
 from ..request import key as manifest_key
 from .summary import SUMMARY_FILES
@@ -220,11 +220,6 @@ def _overrides(value: Any, where: str) -> dict[str, Any]:
     if isinstance(value, dict):
         return dict(flatten(value))
     raise InputError(f"{where}: set takes a mapping of config keys or a list of key=value")
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
-    return slug or "p" + hashlib.sha1(text.encode()).hexdigest()[:8]  # a prompt without ASCII letters
 
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,@-]*")
@@ -454,9 +449,9 @@ class _Expanded:
         if "name" in own:
             name = _check_name(own["name"], self.entry.at("name"))
             if len(self.prompts) > 1:
-                name += "-" + _slug(text)
+                name += "-" + slug(text)
             if len(self.seeds) > 1:
                 name += f"-s{seed}"
             return name
         stem = self.source.stem if self.source.suffix else self.source.name
-        return _check_name(f"{_slug(stem, 60)}-{_slug(text)}-s{seed}", self.entry.at("input"))
+        return _check_name(f"{slug(stem, 60)}-{slug(text)}-s{seed}", self.entry.at("input"))

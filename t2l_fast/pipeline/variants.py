@@ -13,11 +13,9 @@ source and every composite, each captioned with its prompt and seed) and ``OUT/v
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..io import InputError, atomic_path, check_output_dir, save_text, to_uint8
+from ..io import InputError, atomic_path, check_output_dir, save_text, slug, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +42,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"{_slug(self.prompt)}-s{self.seed}"
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
-    return slug or "p" + hashlib.sha1(text.encode()).hexdigest()[:8]  # no ASCII letters in it
+        return f"{slug(self.prompt)}-s{self.seed}"
 
 
 def _per_prompt(values, name: str, n: int) -> list:

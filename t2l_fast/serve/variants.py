@@ -14,7 +14,7 @@ from ..pipeline.variants import Variant, caption, make_variants, save_variants
 from ..request import whole_number
 from .inputs import TEST_MODEL_NOTE, check_image_file, to_pil, zip_folder
 from .state import AppState
-from .worker import Progress, step_reporter
+from .worker import Progress, cancelled, step_reporter
 
 
 class VariantsTab(AppState):
@@ -63,11 +63,7 @@ class VariantsTab(AppState):
                 if state.step != last["step"]:  # a step's first variant (a chunk starts at step 0)
                     last["step"] = state.step
                     return report(state)  # the step's progress, and the cancel check
-                try:
-                    check()
-                except KeyboardInterrupt:
-                    return True
-                return False
+                return cancelled(check)
 
             results = editor.train_variants(runs, callback=callback, callback_inputs=("composite",))
             out = self._job_dir("variants")

@@ -117,13 +117,18 @@ def step_reporter(cfg: Config, emit, check):
         emit("step", (step, dict(state.losses) if (step + 1) % every == 0 else None))
         if state.composite is not None:
             emit("preview", (step, state.composite, state.rgba))
-        try:
-            check()
-        except KeyboardInterrupt:
-            return True
-        return False
+        return cancelled(check)
 
     return callback
+
+
+def cancelled(check) -> bool:
+    """Whether the run was cancelled: ``check()`` (of :func:`run_in_thread`) raises then."""
+    try:
+        check()
+    except KeyboardInterrupt:
+        return True
+    return False
 
 
 def finished(result, out: Path, test_model: bool) -> str:
