@@ -123,7 +123,7 @@ class RuntimeConfig:
     cudagraphs: bool = False  # compile with mode="reduce-overhead" (fast mode on CUDA)
     prefetch: bool = False  # draw the next steps' random choices ahead on a thread (image edits)
     variants_per_run: int = 0  # variants trained together at most (0: what memory holds; CPU: 2)
-    stack_variants: str = "auto"  # variants' generators as one vmapped call: auto (on CUDA) | on | off
+    stack_variants: str = "auto"  # variants' generators as one grouped network: auto (on CUDA) | on | off
     attention: str = "sdpa"  # sdpa | xformers (optional extra; falls back to sdpa when unusable)
     bucket: int = 64  # fast mode: training-example sides rounded to a multiple of this (fixed shapes)
     log_every: int = 10  # read the loss records / NaN-guard flags back to the host every N steps

@@ -286,8 +286,9 @@ def edit_variants(
     name: Name = flag,
 ):
     """The variants an edit request asks for (several prompts or seeds: every prompt with every
-    seed), or None for one edit. ``cfg`` (from :func:`edit_config` with the first of each) gives the
-    prompt and seed not given. Checked before any model loads
+    seed), or None for one edit; an image's or a video's (``video``: the variants share its frames
+    and atlas). ``cfg`` (from :func:`edit_config` with the first of each) gives the prompt and seed
+    not given. Checked before any model loads
     (:func:`~t2l_fast.pipeline.variants.make_variants`: no empty or repeated prompt or seed; screen
     and ROI prompts once or once per prompt)."""
     from .pipeline.variants import make_variants
@@ -301,11 +302,6 @@ def edit_variants(
         ("roi_prompt", roi_prompts),
     ):
         check_utf8(texts or [], name(option))
-    if video:
-        raise InputError(
-            f"several {name('prompt')} or {name('seed')} (variants) are for images so far: "
-            "edit a video with one prompt and one seed"
-        )
     if not prompts:
         if not isinstance(cfg.prompt, str):
             raise InputError(f"seed variants need one prompt: give {name('prompt')}")

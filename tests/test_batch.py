@@ -21,8 +21,8 @@ from t2l_fast import batch as batch_mod
 from t2l_fast import cli
 from t2l_fast.cli import batch as batch_command
 from t2l_fast.io import InputError
-from t2l_fast.losses import Objective
 from t2l_fast.models import clip as clip_models
+from t2l_fast.objective import Objective
 from tests.conftest import FAST_CLI
 
 runner = CliRunner()
@@ -148,6 +148,43 @@ def test_video_jobs_need_an_atlas_and_image_options_are_for_images(tmp_path, pho
     assert job.video and job.config.video.atlas == str(Path.cwd() / "at") and job.config.optim.steps == 3000
 
 
+def test_video_jobs_that_differ_only_in_prompt_or_seed_are_one_group(tmp_path):
+    """Video variants share the frames and the atlas: consecutive jobs of one video, one atlas and
+    every other setting equal train together; another atlas, layer or frame count is another run."""
+    from t2l_fast.batch.manifest import _job_key, variant_groups
+
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    video = {"input": str(frames), "atlas": "at", "steps": 5}
+    jobs = batch_mod.load_manifest(
+        [
+            {**video, "prompt": ["winter", "autumn"], "seed": [4, 9]},  # 4 jobs: one group
+            {**video, "prompt": "spring", "seed": 2},  # written apart, the same settings: joins it
+            {**video, "prompt": "summer", "atlas": "other", "name": "atlas"},  # another atlas
+            {**video, "prompt": "summer", "layer": "foreground", "name": "layer"},  # another layer
+            {**video, "prompt": "summer", "frames": 6, "seed": 7, "name": "frames"},  # fewer frames
+            {**video, "prompt": "dusk", "frames": 6, "seed": 1},  # ... as the one before: joins it
+            {**video, "prompt": "summer", "steps": 6, "name": "steps"},  # another setting
+        ]
+    )
+    assert all(j.video for j in jobs)
+    groups = variant_groups(jobs)
+    assert [[j.index for j in g] for g in groups] == [[0, 1, 2, 3, 4], [5], [6], [7, 8], [9]]
+    first = groups[0]
+    assert [(j.config.prompt, j.config.seed) for j in first] == [
+        ("winter", 4),
+        ("winter", 9),
+        ("autumn", 4),
+        ("autumn", 9),
+        ("spring", 2),
+    ]
+    # one draw stream, the group's first seed, in each config (re-runnable alone); keys follow
+    assert [j.config.draw_seed for j in first] == [4] * 5
+    assert [j.config.draw_seed for j in groups[3]] == [7, 7]
+    assert groups[1][0].config.draw_seed is None  # a group of one keeps its own draws
+    assert all(j.key == _job_key(j) for j in jobs) and len({j.key for j in jobs}) == len(jobs)
+
+
 BAD_MANIFESTS = [
     # (file name, text, the message the one error line must hold)
     ("jobs.yaml", "jobs:\n  - {input: a.png, prompt: x\n", "jobs.yaml:3: the manifest is not valid YAML"),
@@ -264,8 +301,8 @@ def test_bad_jobs_are_recorded_and_the_rest_go_on_and_reruns_resume(tmp_path, ph
 
     def poisoned(self, *args, **kwargs):  # training of the "poison" prompt goes non-finite
         terms = original(self, *args, **kwargs)
-        if self.cfg.prompt == "poison":
-            terms = {k: v * float("nan") for k, v in terms.items()}
+        if self.cfg.prompt == "poison":  # the editors call it for a group (a list, one per variant)
+            terms = [{k: v * float("nan") for k, v in t.items()} for t in terms]
         return terms
 
     monkeypatch.setattr(Objective, "__call__", poisoned)

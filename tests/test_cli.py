@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import t2l_fast
 from t2l_fast import cli
 from t2l_fast.cli import edit as edit_command
-from t2l_fast.losses import Objective
+from t2l_fast.objective import Objective
 from t2l_fast.pipeline import base as pipeline_base
 from tests.conftest import FAST_CLI as FAST
 

@@ -9,7 +9,8 @@ import torch
 
 from t2l_fast import ImageEditor
 from t2l_fast.config import RuntimeConfig
-from t2l_fast.losses import Layers, Objective
+from t2l_fast.losses import Layers
+from t2l_fast.objective import Objective
 from t2l_fast.optim import FusedMADGRAD
 from t2l_fast.pipeline.engine import Engine, optimise
 from tests.conftest import small_config
@@ -72,9 +73,9 @@ def test_source_side_results_are_reused_for_a_repeated_key(tiny_clip, batch, mon
     calls = {"relevancy": 0}
     original = objective.relevancy
 
-    def counting(src):
+    def counting(src, text=None):
         calls["relevancy"] += 1
-        return original(src)
+        return original(src, text)
 
     monkeypatch.setattr(objective, "relevancy", counting)
     layers = Layers.from_rgba(rgba, source)

@@ -14,7 +14,6 @@ from t2l_fast.losses import (
     SCREEN_TEMPLATES,
     TEMPLATES,
     Layers,
-    Objective,
     Texts,
     bootstrap_weight,
     cosine_distance,
@@ -23,6 +22,7 @@ from t2l_fast.losses import (
     sparsity_loss,
     spherical_distance,
 )
+from t2l_fast.objective import Objective
 from tests.conftest import small_config
 
 

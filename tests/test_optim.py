@@ -1,4 +1,5 @@
-"""FusedMADGRAD equals the madgrad package's MADGRAD update, skips on the device, and schedules on it."""
+"""FusedMADGRAD equals the madgrad package's MADGRAD update, skips on the device, and schedules on it;
+StackedMADGRAD updates several models in one pass, each as its own FusedMADGRAD."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from madgrad import MADGRAD
 
-from t2l_fast.optim import FusedMADGRAD, madgrad_lr
+from t2l_fast.optim import FusedMADGRAD, StackedMADGRAD, madgrad_lr
 
 
 def _model() -> torch.nn.Module:
@@ -200,3 +201,53 @@ def test_invalid_arguments():
         FusedMADGRAD(w, eps=0.0)
     with pytest.raises(ValueError, match="closure"):
         FusedMADGRAD(w).step(lambda: 0.0)
+
+
+@pytest.mark.parametrize("kw", CASES[:4], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_stacked_models_each_equal_their_own_optimizer(kw):
+    """Three models in one StackedMADGRAD, six steps with the gradients of different inputs: model 1
+    is told to skip at step 2, model 2's gradient is NaN at step 4 (it skips alone); each model
+    ends where its own FusedMADGRAD takes it, and the schedule follows each one's applied updates."""
+    kw = dict(kw, gamma=0.9, min_lr=1e-3)
+    models = []
+    for k in range(3):
+        torch.manual_seed(k)
+        models.append(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Conv2d(4, 2, 1))
+        )
+    lone = [copy.deepcopy(m) for m in models]
+    stacked = StackedMADGRAD([m.parameters() for m in models], **kw)
+    opts = [FusedMADGRAD(m.parameters(), **kw) for m in lone]
+    for step in range(6):
+        for k, (m, ref) in enumerate(zip(models, lone, strict=True)):
+            x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(10 * step + k))
+            ref(x).square().mean().mul(1 + k).backward()
+            for p, q in zip(m.parameters(), ref.parameters(), strict=True):
+                p.grad = q.grad.clone()
+                if k == 2 and step == 4:
+                    p.grad[..., 0] = float("nan")
+        skip = torch.tensor([False, step == 2, False])
+        applied = stacked.step(skip=skip)
+        want = [opts[k].step(skip=skip[k]) for k in range(2)] + [opts[2].step(skip=torch.tensor(step == 4))]
+        assert applied.shape == (3,) and applied.tolist() == [bool(w) for w in want]
+        for m, opt in zip(models, opts, strict=True):
+            m.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
+    assert stacked.updates.tolist() == [6.0, 5.0, 5.0]
+    torch.testing.assert_close(stacked.scheduled_lr(), torch.stack([o.scheduled_lr() for o in opts]))
+    for m, ref in zip(models, lone, strict=True):
+        for p, q in zip(m.parameters(), ref.parameters(), strict=True):
+            assert torch.isfinite(p).all()
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    assert not torch.equal(models[0][0].weight, models[1][0].weight)
+
+
+def test_stacked_models_need_one_structure_and_every_gradient():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 3)
+    with pytest.raises(ValueError, match="same parameter shapes"):
+        StackedMADGRAD([a.parameters(), b.parameters()])
+    c = torch.nn.Linear(3, 2)
+    opt = StackedMADGRAD([a.parameters(), c.parameters()])
+    a(torch.ones(1, 3)).sum().backward()
+    with pytest.raises(RuntimeError, match="every parameter needs a gradient"):
+        opt.step()

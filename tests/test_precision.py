@@ -13,11 +13,11 @@ from t2l_fast.augment import ViewParams, draw_example, make_views, warp
 from t2l_fast.config import DataConfig, ViewConfig
 from t2l_fast.losses import (
     Layers,
-    Objective,
     cosine_criterion,
     directional_loss,
     spherical_distance,
 )
+from t2l_fast.objective import Objective
 from tests.conftest import small_config
 
 

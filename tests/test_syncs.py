@@ -160,7 +160,8 @@ def test_the_objectives_batched_pass_traces_as_one_graph(tiny_clip):
     target, every loss, the fused ops) is one graph: no break that would split a compiled region."""
     import torch._dynamo
 
-    from t2l_fast.losses import Layers, Objective
+    from t2l_fast.losses import Layers
+    from t2l_fast.objective import Objective
 
     cfg = small_config()
     cfg.roi_prompt = "cat"  # the directional loss and its no-gradient source views too

@@ -14,10 +14,11 @@ from PIL import Image
 
 from t2l_fast import ImageEditor, InputError
 from t2l_fast.config import GeneratorConfig, RuntimeConfig
-from t2l_fast.models.generator import Generator
+from t2l_fast.losses import Layers
+from t2l_fast.models.generator import Generator, GeneratorGroup
+from t2l_fast.objective import Objective
 from t2l_fast.pipeline.engine import Engine, optimise, optimise_group
 from t2l_fast.pipeline.variants import (
-    StackedGenerators,
     grid_layout,
     make_variants,
     save_variants,
@@ -108,11 +109,14 @@ def test_a_non_finite_variant_skips_alone():
     nets = _nets()
     objectives = [_Objective(), _Objective(nan_steps=(2,))]
 
+    def group_objective(ys, step, gen, cache_key=None, draw=None):
+        return [o(y, step, gen, draw=draw) for o, y in zip(objectives, ys, strict=True)]
+
     def examples(step, gen):
         target = torch.rand(3, 2, generator=gen)  # differs from step to step
-        yield [net(x * (1 + step)) for net in nets], None, 1.0, [target, target]
+        yield [net(x * (1 + step)) for net in nets], None, 1.0, target
 
-    histories, _ = optimise_group(engine, nets, objectives, examples, cfg, 9)
+    histories, _ = optimise_group(engine, nets, group_objective, examples, cfg, 9)
     assert np.isnan(histories[1][2]["loss"]) and engine.nonfinite_steps == 1
     lone_nets = _nets()
     for k, net in enumerate(lone_nets):  # each alone, with its own NaN step: the same weights
@@ -127,15 +131,66 @@ def test_a_non_finite_variant_skips_alone():
             assert torch.equal(a, b)
 
 
-def test_stacked_generators_compute_each_generators_output_and_gradient():
-    """The stacked call (the GPU's default): fp64 so that the generator's ill-conditioned fp32
-    gradient does not hide an error."""
+def test_a_groups_objective_computes_the_source_side_once_and_each_variants_terms(tiny_clip, monkeypatch):
+    """Variants' objective: shared prompts encoded once; one CLIP call with gradient, one for the
+    directional source views, one for the structure tokens, one relevancy target per bootstrap
+    prompt, whatever the number of variants; each variant's terms and gradient are its lone
+    objective's."""
+    cfgs = []
+    for prompt in ("golden", "wooden", "golden"):  # the third: a seed variant of the first
+        cfg = small_config(lambda_structure=1.0)
+        cfg.prompt, cfg.roi_prompt, cfg.loss.bootstrap_steps = prompt, "cat", 5
+        cfgs.append(cfg)
+    texts = []
+    encode_text = tiny_clip.encode_text
+    monkeypatch.setattr(tiny_clip, "encode_text", lambda t: texts.append(t) or encode_text(t))
+    objective = Objective(tiny_clip, cfgs, batched=True)
+    # distinct lists: golden and wooden with the templates, each on the green screen, cat, the
+    # bootstrap prompt: 6 (12 without sharing)
+    assert len(texts) == len({tuple(t) for t in texts}) == 6
+    monkeypatch.undo()
+    calls = {"image": 0, "tokens": 0, "relevancy": 0}
+
+    def counting(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return call
+
+    objective.encode_image = counting("image", objective.encode_image)
+    objective.encode_tokens = counting("tokens", objective.encode_tokens)
+    objective.relevancy = counting("relevancy", objective.relevancy)
+    source = torch.rand(2, 3, 83, 117, generator=torch.Generator().manual_seed(1))  # odd sizes
+    rgbas = [torch.rand(2, 4, 83, 117, generator=torch.Generator().manual_seed(5 + k)) for k in range(3)]
+    for rgba in rgbas:
+        rgba.requires_grad_(True)
+    draw = objective.plan(1, (83, 117), torch.Generator().manual_seed(2), b=2)
+    assert float(draw.bootstrap) > 0
+    group = objective([Layers.from_rgba(r, source) for r in rgbas], 1, None, draw=draw)
+    assert calls == {"image": 2, "tokens": 1, "relevancy": 1}
+    grads = torch.autograd.grad(sum(t["loss"] for t in group), rgbas)
+    for k, cfg in enumerate(cfgs):
+        rgba = rgbas[k].detach().requires_grad_(True)
+        lone = Objective(tiny_clip, cfg, batched=True)(Layers.from_rgba(rgba, source), 1, None, draw=draw)
+        assert set(lone) == set(group[k]) >= {"comp_dir", "structure", "bootstrap", "screen"}
+        for key, value in lone.items():
+            torch.testing.assert_close(group[k][key], value, rtol=1e-6, atol=1e-7, msg=key)
+        (grad,) = torch.autograd.grad(lone["loss"], rgba)
+        torch.testing.assert_close(grads[k], grad, rtol=1e-5, atol=1e-8)
+    assert float(group[0]["comp_clip"].detach()) != float(group[1]["comp_clip"].detach())  # prompts differ
+
+
+def test_a_generator_group_computes_each_generators_output_and_gradient():
+    """The grouped network (the GPU's default): fp64 so that the generator's ill-conditioned fp32
+    gradient does not hide an error; two images, so that each BatchNorm's batch statistics count."""
     cfg = GeneratorConfig(channels_down=8, channels_up=8, channels_skip=4)
     torch.manual_seed(1)
     gens = [Generator(cfg).double() for _ in range(3)]
-    x = torch.rand(1, 3, 131, 157, dtype=torch.float64)  # odd sizes: the crop after upsampling
-    target = torch.rand(3, 1, 4, 131, 157, dtype=torch.float64)
-    out = StackedGenerators(gens)(x)
+    x = torch.rand(2, 3, 131, 157, dtype=torch.float64)  # odd sizes: the crop after upsampling
+    target = torch.rand(3, 2, 4, 131, 157, dtype=torch.float64)
+    out = GeneratorGroup(gens)(x)
+    assert out.shape == (3, 2, 4, 131, 157)
     ((out - target) ** 2 * torch.arange(1.0, 4.0, dtype=torch.float64).view(3, 1, 1, 1, 1)).sum().backward()
     for k, g in enumerate(gens):
         ref = copy.deepcopy(g)
@@ -145,6 +200,24 @@ def test_stacked_generators_compute_each_generators_output_and_gradient():
         ((alone - target[k]) ** 2 * (k + 1)).sum().backward()
         for (name, p), q in zip(g.named_parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_a_compiled_generator_group_is_one_graph_for_every_size():
+    """Dynamic sizes from the first call: vmap over the generators specialised on the crop size
+    (a compile per size, through BatchNorm's batching rule); the grouped network does not."""
+    import torch._dynamo
+
+    cfg = GeneratorConfig(channels_down=8, channels_up=8, channels_skip=4)
+    group = torch.compile(
+        GeneratorGroup([Generator(cfg) for _ in range(2)]), dynamic=True, backend="aot_eager"
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    no_duck = torch.fx.experimental._config.patch(use_duck_shape=False)  # as the engine compiles
+    with torch.backends.mkldnn.flags(enabled=False), no_duck:  # oneDNN's choice per size: a CPU guard
+        for hw in [(192, 192), (200, 260), (256, 192)]:
+            group(torch.rand(1, 3, *hw)).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_bad_variants_are_one_line_before_any_model_loads():
@@ -205,3 +278,35 @@ def test_outputs_a_person_compares(tmp_path, group):
     for v in variants:
         assert (tmp_path / v.name / "composite.png").is_file()
         assert (tmp_path / v.name / "generator.safetensors").is_file()
+
+
+@pytest.mark.parametrize("layer", ["background", "foreground"])
+def test_each_video_variant_equals_its_lone_run(tiny_clip, layer):
+    """Video variants share the atlas, its windows and the views: variant k of a group of 3 (two
+    prompts, two seeds; 4 steps, the whole atlas at steps 1 and 3) gives its lone edit's losses
+    and weights."""
+    from t2l_fast.pipeline.video import VideoEditor
+    from t2l_fast.synthetic import two_layer_scene
+    from tests.test_video import small_video_config
+
+    data, frames = two_layer_scene()
+    cfg = small_video_config(steps=4, layer=layer)
+    cfg.roi_prompt, cfg.loss.bootstrap_steps = "a car", 3
+    cfg.runtime.mode, cfg.runtime.variants_per_run = "fast", 3
+    results = VideoEditor(cfg, device="cpu", clip=tiny_clip)(
+        frames, atlas=data, prompt=["winter", "autumn"], seed=[3, 8]
+    )
+    assert [(r.config.prompt, r.config.seed, r.config.draw_seed) for r in results] == [
+        ("winter", 3, 3),
+        ("winter", 8, 3),
+        ("autumn", 3, 3),
+        ("autumn", 8, 3),
+    ]
+    cfg.draw_seed = 3
+    for k in (2, 3):  # in the group of 3; alone in the second chunk
+        prompt, seed = results[k].config.prompt, results[k].config.seed
+        lone = VideoEditor(cfg, device="cpu", clip=tiny_clip)(frames, atlas=data, prompt=prompt, seed=seed)
+        _assert_same_run(results[k], lone)
+        torch.testing.assert_close(results[k].composite, lone.composite, rtol=1e-5, atol=1e-6)
+    assert {"bootstrap", "comp_dir"} <= set(results[0].losses[0])
+    assert not torch.equal(results[0].atlas_edit, results[2].atlas_edit)

@@ -276,16 +276,17 @@ VARIANT_KEYS = ("prompt", "screen_prompt", "roi_prompt", "seed", "draw_seed")  #
 
 
 def variant_groups(jobs: list[Job]) -> list[list[Job]]:
-    """The jobs as the runs that train them, in manifest order: image jobs written one after another
-    that differ only in their prompts or seed (one input, every other setting equal, prompts of the
-    same shape: what a job's list of prompts or seeds expands into) are one group, trained together
-    on one draw stream, the group's first seed (``draw_seed``, set in each job's config: its
-    config.yaml re-runs it alone; keys recomputed). Videos and the rest are groups of one."""
+    """The jobs as the runs that train them, in manifest order: jobs written one after another that
+    differ only in their prompts or seed (one input, image or video, every other setting equal: a
+    video's atlas, layer and frames too; prompts of the same shape: what a job's list of prompts or
+    seeds expands into) are one group, trained together on one draw stream, the group's first seed
+    (``draw_seed``, set in each job's config: its config.yaml re-runs it alone; keys recomputed).
+    The rest are groups of one."""
     groups: list[list[Job]] = []
     last = None
     for job in jobs:
-        key = None if job.video else _variant_key(job)
-        if key is not None and key == last:
+        key = _variant_key(job)
+        if key == last:
             groups[-1].append(job)
         else:
             groups.append([job])
@@ -306,7 +307,8 @@ def _variant_key(job: Job) -> str:
     shape = {k: _prompt_shape(settings[k]) for k in ("prompt", "screen_prompt", "roi_prompt")}
     for k in VARIANT_KEYS:
         settings.pop(k)
-    return json.dumps({"input": str(job.input.resolve()), "settings": settings, "shape": shape}, default=str)
+    key = {"input": str(job.input.resolve()), "video": job.video, "settings": settings, "shape": shape}
+    return json.dumps(key, default=str)
 
 
 def _prompt_shape(value) -> int | None:

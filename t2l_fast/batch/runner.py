@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..device import resolve_device
@@ -80,7 +81,7 @@ class _Worker:
         return self.run_group([job], out)[0]
 
     def run_group(self, jobs: list[Job], out: Path) -> list[JobRecord]:
-        """Run ``jobs`` (one, or image variants trained together: :func:`variant_groups`); the ones
+        """Run ``jobs`` (one, or variants trained together: :func:`variant_groups`); the ones
         done by an earlier run are skipped. Each job is staged, checked and moved into place alone."""
         records: dict[int, JobRecord] = {}
         todo = []
@@ -186,18 +187,27 @@ class _Worker:
         return record
 
     def _train(self, jobs: list[Job], stages: dict[int, Path], on_step: Callable) -> list:
-        """Train one job, or image variants together; -> their results."""
+        """Train one job, or the variants of one image or video together; -> their results."""
         if len(jobs) == 1:
             return [self._edit(jobs[0], stages[jobs[0].index], on_step)]
-        from ..pipeline.image import ImageEditor
+        editor: Any
+        if jobs[0].video:
+            from ..pipeline.video import VideoEditor
 
-        editor = ImageEditor(jobs[0].config, device=self.device, clip=self.clip)
-        first = editor.prepare(jobs[0].input)  # one input, one size: read once
-        for note in first.notes:
-            log.info("%s: %s", jobs[0].input, note)
+            editor = VideoEditor(jobs[0].config, device=self.device, clip=self.clip)
+            first = editor.prepare(jobs[0].input)  # one video, one atlas: read (and evaluated) once
+            kind = "video"
+        else:
+            from ..pipeline.image import ImageEditor
+
+            editor = ImageEditor(jobs[0].config, device=self.device, clip=self.clip)
+            first = editor.prepare(jobs[0].input)  # one input, one size: read once
+            for note in first.notes:
+                log.info("%s: %s", jobs[0].input, note)
+            kind = "image"
         # each job's own config (validated with the manifest): its prompts, seed, the group's draw seed
         runs = [dataclasses.replace(first, config=job.config) for job in jobs]
-        log.info("%s: %d jobs trained together (variants of one image)", jobs[0].input, len(jobs))
+        log.info("%s: %d jobs trained together (variants of one %s)", jobs[0].input, len(jobs), kind)
         return editor.train_variants(runs, callback=on_step)
 
     def _edit(self, job: Job, stage: Path, on_step: Callable):
@@ -273,7 +283,7 @@ def run(
     for job in jobs:
         if (out / job.name).exists() and not (out / job.name).is_dir():
             raise InputError(f"{job.where}: {out / job.name} exists and is not a folder: rename the job")
-    units = variant_groups(jobs)  # variants of one image: trained together
+    units = variant_groups(jobs)  # variants of one image or video: trained together
     out.mkdir(parents=True, exist_ok=True)
     group = Distributed() if in_torchrun() else Local()
     mine: list[JobRecord] = []

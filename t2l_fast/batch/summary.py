@@ -30,7 +30,7 @@ class JobRecord:
     steps: int = 0
     losses: dict[str, float] = field(default_factory=dict)  # the last step's loss terms
     error: str | None = None
-    variants: int = 1  # jobs trained together with it (variants of one image), itself included
+    variants: int = 1  # jobs trained together with it (variants of one image or video), itself included
 
 
 @dataclass
@@ -76,7 +76,7 @@ class BatchSummary:
         ]
         if together:
             lines += [
-                f"{len(together)} jobs were trained together with others as variants of one image "
+                f"{len(together)} jobs were trained together with others as variants of one input "
                 "(they differ only in prompt or seed; seconds are the group's).",
                 "",
             ]

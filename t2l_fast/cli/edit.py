@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -47,8 +47,9 @@ Prompt = Annotated[
         "--prompt",
         "-p",
         metavar="TEXT",
-        help="The edited image, e.g. 'a golden cat'. Repeat it (or --seed) for variants trained together: "
-        "OUT/<prompt>-s<seed>/ each, OUT/variants.png compares them.",
+        help="The edited image or video, e.g. 'a golden cat'. Repeat it (or --seed) for variants trained "
+        "together: OUT/<prompt>-s<seed>/ each, OUT/variants.png compares them (videos: also "
+        "OUT/variants.mp4).",
     ),
 ]
 ScreenPrompt = Annotated[
@@ -155,7 +156,7 @@ def edit(
         if warning:
             typer.echo(warning, err=True)
         if variants:
-            _edit_variants(image, cfg, device, out, variants)
+            _edit_variants(image, cfg, device, out, variants, video)
         elif video:
             _edit_video(image, cfg, device, out)
         else:
@@ -195,22 +196,34 @@ def _first(values: list | None):
     return values[0] if values else None
 
 
-def _edit_variants(image: Path, cfg, device: str, out: Path, variants) -> None:
-    from ..pipeline.image import ImageEditor
+def _edit_variants(path: Path, cfg, device: str, out: Path, variants, video: bool) -> None:
+    """Train the variants of an image or a video together; write each, and the sheets comparing them."""
     from ..pipeline.variants import save_variants
 
-    editor = ImageEditor(cfg, device=device)
-    runs = editor.prepare_variants(image, variants)
-    for note in runs[0].notes:
-        typer.echo(f"note: {image}: {note}", err=True)
+    editor: Any
+    if video:
+        from ..pipeline.video import VideoEditor
+
+        editor = VideoEditor(cfg, device=device)
+        runs = editor.prepare_variants(path, variants)
+        t, _, h, w = runs[0].frames.shape
+        what = f"the {runs[0].config.video.layer} of {path} ({plural(t, 'frame')}, {w}x{h})"
+        compare = "variants.mp4 and variants.png compare them"
+    else:
+        from ..pipeline.image import ImageEditor
+
+        editor = ImageEditor(cfg, device=device)
+        runs = editor.prepare_variants(path, variants)
+        for note in runs[0].notes:
+            typer.echo(f"note: {path}: {note}", err=True)
+        h, w = runs[0].source.shape[-2:]
+        what = f"{path} ({w}x{h})"
+        compare = "variants.png compares them"
     if cfg.clip == "test-tiny":
         typer.echo(NOT_A_REAL_EDIT, err=True)
-    editor.load_clip(runs[0])
-    (h, w), n = runs[0].source.shape[-2:], len(variants)
-    steps = plural(cfg.optim.steps, "step")
-    typer.echo(
-        f"editing {image} ({w}x{h}): {n} variants trained together for {steps} on {editor.device}", err=True
-    )
+    editor.load_clip(runs[0])  # load now: weight errors surface before training
+    n, steps = len(variants), plural(cfg.optim.steps, "step")
+    typer.echo(f"editing {what}: {n} variants trained together for {steps} on {editor.device}", err=True)
     results = editor.train_variants(runs, progress=True)
     try:
         paths = save_variants(out, variants, results)
@@ -218,7 +231,7 @@ def _edit_variants(image: Path, cfg, device: str, out: Path, variants) -> None:
         raise fail("interrupted while writing; files already written are whole", 130) from None
     if results[0].is_test_model:
         typer.echo(NOT_A_REAL_EDIT, err=True)
-    typer.echo(f"wrote {n} variants ({plural(len(paths), 'file')}) to {out}/: variants.png compares them")
+    typer.echo(f"wrote {n} variants ({plural(len(paths), 'file')}) to {out}/: {compare}")
     if any(r.interrupted for r in results):
         raise typer.Exit(130)
 

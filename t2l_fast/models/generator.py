@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import GeneratorConfig
 
@@ -128,3 +129,61 @@ class Generator(nn.Module):
         out = self.head(self.body(x))  # (B, 4, H, W) logits
         rgb = torch.einsum("dc,bchw->bdhw", self.decorrelate.to(out.dtype), out[:, :3])
         return torch.sigmoid(torch.cat([rgb, out[:, 3:]], dim=1))
+
+
+class GeneratorGroup(nn.Module):
+    """N generators of one structure run as one network (variants trained together): every
+    convolution grouped (``groups=N``; the first level's read the shared input), every BatchNorm
+    over the N·C channels (each generator's own batch statistics), each skip concatenation
+    interleaved per generator. ``forward(x)``: (B, 3, H, W) -> (N, B, 4, H, W), generator k's output
+    at [k]. The weights are the generators' own, concatenated at each call, so each gets its own
+    gradient. Plain ops on dynamic sizes: one compiled graph serves every crop size (``vmap`` over
+    the generators specialised on the size, through BatchNorm's batching rule)."""
+
+    def __init__(self, generators: list[Generator]):
+        super().__init__()
+        self.generators = nn.ModuleList(generators)
+        self.min_side = generators[0].min_side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_side:
+            raise ValueError(f"generator input {tuple(x.shape[-2:])} is smaller than {self.min_side} px")
+        gens = list(self.generators)
+        n = len(gens)
+        out = self._level([g.body for g in gens], x, shared=True)
+        out = self._layer([g.head for g in gens], out, shared=False)[0].unflatten(1, (n, 4))
+        decorrelate = gens[0].decorrelate.to(out.dtype)
+        rgb = torch.einsum("dc,bnchw->nbdhw", decorrelate, out[:, :, :3])
+        return torch.sigmoid(torch.cat([rgb, out[:, :, 3:].transpose(0, 1)], dim=2))
+
+    def _level(self, levels: list, x: torch.Tensor, shared: bool) -> torch.Tensor:
+        """:class:`_Level`'s forward for the group (``shared``: x is the input every generator reads)."""
+        n = len(levels)
+        deep = self._layer([lv.down for lv in levels], x, shared)[0]
+        if levels[0].inner is not None:
+            deep = self._level([lv.inner for lv in levels], deep, shared=False)
+        deep = _upsample_to(deep, x.shape[2], x.shape[3])
+        if levels[0].skip is not None:
+            skip = self._layer([lv.skip for lv in levels], x, shared)[0]
+            deep = torch.cat([skip.unflatten(1, (n, -1)), deep.unflatten(1, (n, -1))], dim=2).flatten(1, 2)
+        return self._layer([lv.up for lv in levels], deep, shared=False)[0]
+
+    def _layer(self, mods: list, x: torch.Tensor, shared: bool) -> tuple[torch.Tensor, bool]:
+        """The same layer of every generator on the group's activations -> (output, shared)."""
+        first = mods[0]
+        if isinstance(first, nn.Sequential):
+            for i in range(len(first)):
+                x, shared = self._layer([m[i] for m in mods], x, shared)
+            return x, shared
+        if isinstance(first, nn.Conv2d):
+            weight = torch.cat([m.weight for m in mods])
+            bias = torch.cat([m.bias for m in mods])
+            groups = 1 if shared else len(mods)
+            return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, groups), False
+        if isinstance(first, nn.BatchNorm2d):
+            weight = torch.cat([m.weight for m in mods])
+            bias = torch.cat([m.bias for m in mods])
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, first.eps), shared
+        if isinstance(first, (nn.ReflectionPad2d, nn.LeakyReLU)):  # no parameters: the same op
+            return first(x), shared
+        raise TypeError(f"GeneratorGroup: no grouped form for {type(first).__name__}")

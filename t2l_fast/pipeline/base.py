@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -16,9 +19,13 @@ from safetensors.torch import save_file
 from ..config import Config, preset
 from ..device import resolve_device
 from ..io import atomic_path, check_output_dir, save_text
-from ..losses import Objective
 from ..models.clip import Clip, load_clip
-from .engine import Engine, optimise
+from ..models.generator import Generator
+from ..objective import Objective
+from .engine import Engine
+from .variants import group_runner
+
+log = logging.getLogger(__name__)
 
 
 def save_generator(path: str | os.PathLike, state: dict[str, torch.Tensor], cfg: Config, **meta: str) -> Path:
@@ -85,6 +92,10 @@ class Editor:
     """
 
     PRESET = "image"
+    # each editor's own: train the runs' generators together (one result per run), and the size
+    # (H, W) a step's activations scale with (the source image, the video's frames)
+    _train: Callable[..., list]
+    _activation_hw: Callable[[Any], tuple[int, int]]
 
     def __init__(
         self,
@@ -130,10 +141,23 @@ class Editor:
         torch.manual_seed(run.config.seed)
         return clip, engine
 
+    def _generators(self, runs: list, engine: Engine) -> tuple[list[Generator], Callable]:
+        """Each run's generator, initialised from its own seed as a lone edit's, and the call that
+        runs them all on one input (:func:`~t2l_fast.pipeline.variants.group_runner`: one grouped
+        network where ``runtime.stack_variants`` says so, by default on CUDA)."""
+        generators = []
+        for run in runs:
+            torch.manual_seed(run.config.seed)
+            generators.append(Generator(run.config.generator).to(self.device))
+        choice = runs[0].config.runtime.stack_variants
+        stack = {"on": True, "off": False}.get(choice, self.device.type == "cuda")
+        return generators, group_runner(generators, engine.compiled, stack)
+
     @staticmethod
-    def objective(clip: Clip, cfg: Config, engine: Engine) -> Objective:
-        """Reference mode: the loss as the original computes it. Fast path: batched, its views, CLIP
-        and losses one compiled region (see :meth:`Engine.compiled`)."""
+    def objective(clip: Clip, cfg: Config | list[Config], engine: Engine) -> Objective:
+        """The objective of a run (``cfg``) or of a group of variants (one config each). Reference
+        mode: the loss as the original computes it. Fast path: batched, its views, CLIP and losses
+        one compiled region (see :meth:`Engine.compiled`)."""
         if not engine.fast:
             return Objective(clip, cfg, batched=False)
         return Objective(clip, cfg, batched=True, compile=engine.compiled)
@@ -150,9 +174,23 @@ class Editor:
             is_test_model=is_test,
         )
 
-    @staticmethod
-    def _optimise(run: Run, engine: Engine, generator, objective, examples_of_step, **kwargs):
-        """The shared training loop (:func:`~t2l_fast.pipeline.engine.optimise`) with the run's
-        optimiser settings and seed: -> (loss records, interrupted)."""
-        cfg = run.config
-        return optimise(engine, generator, objective, examples_of_step, cfg.optim, cfg.seed, **kwargs)
+    def train_variants(self, runs: list, **kwargs) -> list:
+        """The prepared variants (``prepare_variants``) trained together, as many per run as
+        ``runtime.variants_per_run`` (0: what the device's memory holds; on the CPU, 2) allows: the
+        same numbers in any chunking (one draw stream). Keywords as ``train``'s; the callback sees
+        ``state.variant``. -> one result per variant, in order."""
+        from .variants import bytes_per_variant, variants_per_run
+
+        cfg = runs[0].config
+        need = bytes_per_variant(self._activation_hw(runs[0]), cfg)
+        size = variants_per_run(len(runs), self.device, cfg.runtime.variants_per_run, need)
+        if size < len(runs):
+            log.warning(
+                "%d variants: trained %d at a time (runtime.variants_per_run; memory on a GPU)",
+                len(runs),
+                size,
+            )
+        results: list = []
+        for start in range(0, len(runs), size):
+            results += self._train(runs[start : start + size], first=start, **kwargs)
+        return results

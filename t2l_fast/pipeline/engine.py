@@ -26,7 +26,7 @@ import torch
 
 from ..config import RuntimeConfig
 from ..kernels import implementation
-from ..optim import FusedMADGRAD
+from ..optim import FusedMADGRAD, StackedMADGRAD
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ class Engine:
 
     def update(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor | bool = True) -> torch.Tensor:
         """Apply the accumulated gradient unless a loss (``finite`` false) or the gradient is not
-        finite; clear the gradient either way. Returns the 0-dim bool "applied" flag on the device.
+        finite; clear the gradient either way. Returns the bool "applied" flag on the device: 0-dim,
+        or one per model of a :class:`~t2l_fast.optim.StackedMADGRAD` (``finite`` one per model too).
 
         With :class:`~t2l_fast.optim.FusedMADGRAD` the decision stays on the device (``step(skip=)``);
         any other optimizer needs the flag on the host (one sync). The flags are read back in bulk
@@ -160,7 +161,7 @@ class Engine:
         rest of the run to fp32. Returns the flags read."""
         if not self._pending:
             return []
-        flags = [bool(f) for f in torch.stack(self._pending).tolist()]
+        flags = [bool(f) for f in torch.cat([f.reshape(-1) for f in self._pending]).tolist()]
         self._pending.clear()
         for applied in flags:
             if applied:
@@ -349,13 +350,16 @@ def optimise(
 
     def group_examples(step: int, plan):
         for layers, key, weight, *drawn in examples_of_step(step, plan):
-            yield [layers], key, weight, [drawn[0]] if drawn else None
+            yield [layers], key, weight, drawn[0] if drawn else None
+
+    def group_objective(layers, step, gen, **kwargs):
+        return [objective(layers[0], step, gen, **kwargs)]
 
     hook = None if on_step is None else (lambda step, records: on_step(step, records[0]))
     histories, interrupted = optimise_group(
         engine,
         [generator],
-        [objective],
+        group_objective,
         group_examples,
         optim_cfg,
         seed,
@@ -370,7 +374,7 @@ def optimise(
 def optimise_group(
     engine: Engine,
     generators: Sequence[torch.nn.Module],
-    objectives: list,
+    objective,
     examples_of_step,
     optim_cfg,
     seed: int,
@@ -383,24 +387,27 @@ def optimise_group(
     """The training loop both editors share, for N generators trained together on one draw stream
     (prompt or seed variants; a lone edit is a group of one). ``seed`` seeds the draws (crops, views).
 
-    ``examples_of_step(step, gen)`` yields (layers, cache_key, weight, draws), ``layers`` and
-    ``draws`` one per generator (``draws`` None: each objective draws from ``gen``); it runs the
-    generators lazily. With ``plan_of_step(step, gen)`` (host draws only) the examples are
-    ``examples_of_step(step, plan)``, the plans drawn ahead on a thread when ``engine.prefetch``
-    (:class:`Prefetcher`: the same numbers). Generator k's loss is the weighted sum of
-    ``objectives[k]``'s terms, back-propagated per example (one pass for the group; the gradient
-    of the summed loss). One :class:`~t2l_fast.optim.FusedMADGRAD` per generator (``optim_cfg``'s
-    schedule, advanced by its own applied updates: a non-finite variant skips alone); the NaN
-    guard decides on the device. No host sync inside a step: records and flags are read back every
-    ``engine.log_every`` steps and at the end. ``on_step(step, records)`` (lazy records, one per
-    generator) ends the run after that step by returning True (:mod:`.callbacks`); Ctrl-C too.
+    ``examples_of_step(step, gen)`` yields (layers, cache_key, weight, draw), ``layers`` one per
+    generator and ``draw`` the objective's random choices for the example, made ahead (None: the
+    objective draws from ``gen``); it runs the generators lazily. With ``plan_of_step(step, gen)``
+    (host draws only) the examples are ``examples_of_step(step, plan)``, the plans drawn ahead on a
+    thread when ``engine.prefetch`` (:class:`Prefetcher`: the same numbers). ``objective(layers,
+    step, gen, cache_key=, draw=)`` returns each generator's terms (a group's
+    :class:`~t2l_fast.objective.Objective`: the source side once); generator k's loss is the
+    weighted sum of its terms, back-propagated per example (one pass for the group; the gradient
+    of the summed loss). One :class:`~t2l_fast.optim.StackedMADGRAD` step updates every generator
+    (each its own state and ``optim_cfg``'s schedule, advanced by its own applied updates: a
+    non-finite variant skips alone); the NaN guard decides on the device. No host sync inside a
+    step: records and flags are read back every ``engine.log_every`` steps and at the end.
+    ``on_step(step, records)`` (lazy records, one per generator) ends the run after that step by
+    returning True (:mod:`.callbacks`); Ctrl-C too.
     Returns (per generator, per-step loss records as dicts of floats; interrupted).
     """
     from tqdm.auto import tqdm
 
     log_every, n = engine.log_every, len(generators)
     gen = torch.Generator().manual_seed(seed)
-    opts = [_optimiser(g, optim_cfg) for g in generators]
+    opt = _optimiser(generators, optim_cfg)
     records: list[list[StepRecord]] = []  # per step, one per generator
     buffer = RecordBuffer()
     flushed = 0
@@ -424,9 +431,8 @@ def optimise_group(
                 if engine.cudagraphs:  # a new step: the graphs' outputs of the last one are dead
                     torch.compiler.cudagraph_mark_step_begin()
                 examples = examples_of_step(step, gen if plans is None else next(plans))
-                step_records, finite = _backward_step(engine, objectives, examples, step, gen, buffer)
-                for k, opt in enumerate(opts):
-                    engine.update(opt, finite[k])
+                step_records, finite = _backward_step(engine, objective, n, examples, step, gen, buffer)
+                engine.update(opt, finite)
                 records.append(step_records)
                 if (step + 1) % log_every == 0:
                     flush()
@@ -445,9 +451,9 @@ def optimise_group(
     return [resolve_records([step[k] for step in records]) for k in range(n)], interrupted
 
 
-def _optimiser(generator: torch.nn.Module, optim_cfg) -> FusedMADGRAD:
-    return FusedMADGRAD(
-        generator.parameters(),
+def _optimiser(generators: Sequence[torch.nn.Module], optim_cfg) -> StackedMADGRAD:
+    return StackedMADGRAD(
+        [g.parameters() for g in generators],
         lr=optim_cfg.lr,
         momentum=optim_cfg.momentum,
         weight_decay=optim_cfg.weight_decay,
@@ -456,28 +462,22 @@ def _optimiser(generator: torch.nn.Module, optim_cfg) -> FusedMADGRAD:
     )
 
 
-def _backward_step(engine: Engine, objectives, examples, step: int, gen, buffer: RecordBuffer):
+def _backward_step(engine: Engine, objective, n: int, examples, step: int, gen, buffer: RecordBuffer):
     """Run the step's examples (the generators run as each is drawn), record their terms and
     accumulate every generator's gradient, one backward pass per example for the group. Returns
-    (one record per generator, the finite flags: (N,) bool on the device, or True each without an
+    (one record per generator, the finite flags: (N,) bool on the device, or True without an
     example)."""
-    n = len(objectives)
     records = [StepRecord(buffer) for _ in range(n)]
-    finite = None
+    finite: torch.Tensor | bool = True
     while True:
         with engine.autocast():  # the generators run when the next example is drawn
             example = next(examples, None)
             if example is None:
                 break
-            layers, key, weight, draws = example
-            terms = [objectives[k](layers[k], step, gen, cache_key=key, **_given(draws, k)) for k in range(n)]
+            layers, key, weight, draw = example
+            terms = objective(layers, step, gen, cache_key=key, **({} if draw is None else {"draw": draw}))
         for record, t in zip(records, terms, strict=True):
             record.add(t, weight)
         ok = engine.backward_group([weight * t["loss"] for t in terms])
-        finite = ok if finite is None else finite & ok
-    return records, ([True] * n if finite is None else finite)
-
-
-def _given(draws, k: int) -> dict:
-    """The objective's keyword for a draw made ahead (none: it draws itself)."""
-    return {} if draws is None else {"draw": draws[k]}
+        finite = ok if finite is True else finite & ok
+    return records, finite

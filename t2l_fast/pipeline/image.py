@@ -27,7 +27,7 @@ from ..models.generator import Generator, min_side
 from .base import Editor, Result, Run
 from .callbacks import StepCallback, check_inputs, step_end_hook
 from .engine import Engine, optimise_group
-from .variants import Variant, group_runner, make_variants, variants_per_run
+from .variants import Variant, make_variants
 
 log = logging.getLogger(__name__)
 
@@ -152,23 +152,8 @@ class ImageEditor(Editor):
         Keywords: ``callback``, ``callback_inputs``, ``progress`` (see ``__call__``)."""
         return self._train([run], **kwargs)[0]
 
-    def train_variants(self, runs: list[ImageRun], **kwargs) -> list[EditResult]:
-        """The prepared variants (``prepare_variants``) trained together, as many per run as
-        ``runtime.variants_per_run`` (0: what the device's memory holds; on the CPU, 2) allows: the
-        same numbers in any chunking (one draw stream). The callback sees ``state.variant``."""
-        cfg = runs[0].config
-        bytes_per_variant = _bytes_per_variant(runs[0].source.shape[-2:], cfg)
-        size = variants_per_run(len(runs), self.device, cfg.runtime.variants_per_run, bytes_per_variant)
-        if size < len(runs):
-            log.warning(
-                "%d variants: trained %d at a time (runtime.variants_per_run; memory on a GPU)",
-                len(runs),
-                size,
-            )
-        results: list[EditResult] = []
-        for start in range(0, len(runs), size):
-            results += self._train(runs[start : start + size], first=start, **kwargs)
-        return results
+    def _activation_hw(self, run: ImageRun) -> tuple[int, int]:
+        return int(run.source.shape[-2]), int(run.source.shape[-1])
 
     def _train(
         self,
@@ -184,17 +169,10 @@ class ImageEditor(Editor):
         device, cfg, n = self.device, runs[0].config, len(runs)
         clip, engine = self._start(runs[0])
         source = runs[0].source.to(device)
-        generators = []
-        for run in runs:  # each generator initialised from its own seed, as a lone edit's
-            torch.manual_seed(run.config.seed)
-            generators.append(Generator(run.config.generator).to(device))
-        stack = {"on": True, "off": False}.get(cfg.runtime.stack_variants, device.type == "cuda")
-        run_generators = group_runner(generators, engine.compiled, stack)
+        generators, run_generators = self._generators(runs, engine)
         run_crop = engine.compiled(render_crop)
-        objectives = [self.objective(clip, run.config, engine) for run in runs]
-        objective = objectives[0]  # the draws: the same numbers for every variant (checked)
-        if any(o.draw_signature != objective.draw_signature for o in objectives):
-            raise InputError("variants must share their prompts' structure (ROI prompt for all or none)")
+        # one objective for the group: each variant's prompts, the source side once, one draw each step
+        objective = self.objective(clip, [run.config for run in runs], engine)
         hw = (int(source.shape[-2]), int(source.shape[-1]))
 
         def plan_of_step(step: int, gen: torch.Generator):
@@ -211,7 +189,7 @@ class ImageEditor(Editor):
             images = [(run_crop(source, crop.to(device)), None), (source, ("source",))][: len(draws)]
             for (image, key), draw in zip(images, draws, strict=True):
                 layers = [Layers.from_rgba(rgba.float(), image) for rgba in run_generators(image)]
-                yield layers, key, 1.0 / len(draws), [draw] * n
+                yield layers, key, 1.0 / len(draws), draw
 
         def pictures(k: int) -> dict[str, torch.Tensor]:
             composite, rgba, _ = self.render(generators[k], source, engine)
@@ -221,7 +199,7 @@ class ImageEditor(Editor):
         histories, interrupted = optimise_group(
             engine,
             generators,
-            objectives,
+            objective,
             examples_of_step,
             cfg.optim,
             cfg.seed if cfg.draw_seed is None else cfg.draw_seed,
@@ -274,13 +252,3 @@ class ImageEditor(Editor):
         generator = Generator(cfg.generator).to(self.device)
         generator.load_state_dict(load_file(str(path)))
         return self._result(cfg, generator, source, engine, [], False, False)
-
-
-def _bytes_per_variant(hw, cfg) -> int:
-    """An estimate of one variant's activation memory in a step at source size ``hw``: the
-    generator's feature maps (fp32 and their gradients) at the largest crop. bench_memory measures
-    the real figure on a GPU."""
-    h, w = hw
-    side = cfg.data.scale_max**2 * h * w
-    channels = cfg.generator.channels_down + cfg.generator.channels_up + cfg.generator.channels_skip
-    return int(side * channels * 4 * 2 * 6)  # 4 bytes, with gradient, ~6 maps per level's width

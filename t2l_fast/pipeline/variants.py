@@ -2,17 +2,17 @@
 
 The variants share the augmentation draws (one draw stream, ``config.draw_seed``: crops and views)
 and every step's training crop; each has its own generator (initialised from its own ``seed``), its
-own prompts and its own optimiser (its own skip flag and lr schedule). The generators' weights are
-stacked and run as one batched call (``torch.func.vmap`` over ``functional_call``), so variant k
-computes what a lone edit with its prompt, seed and draw seed computes (tested to 1e-5).
+own prompts and its own optimiser state (its own skip flag and lr schedule). The generators run as
+one network of grouped convolutions (:class:`~t2l_fast.models.generator.GeneratorGroup`) or each in
+turn, so variant k computes what a lone edit with its prompt, seed and draw seed computes (tested to 1e-5).
 
 What a person compares: ``OUT/<name>/`` per variant (a lone edit's files), ``OUT/variants.png`` (the
-source and every composite, each captioned with its prompt and seed) and ``OUT/variants.json``.
+source and every composite, each captioned with its prompt and seed; a video's middle frame),
+``OUT/variants.mp4`` (videos: that sheet for every frame) and ``OUT/variants.json``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from ..io import InputError, atomic_path, check_output_dir, save_text, slug, to_uint8
+from ..models.generator import Generator, GeneratorGroup
 
 log = logging.getLogger(__name__)
 
@@ -94,39 +94,17 @@ def make_variants(prompts, seeds=None, screen_prompts=None, roi_prompts=None) ->
     return variants
 
 
-class StackedGenerators(nn.Module):
-    """N generators of one structure run as one call: ``forward(x)`` (B, 3, H, W) ->
-    (N, B, 4, H, W), generator k's output at [k]. The weights are stacked at each call (the gradient
-    reaches each generator's own parameters) and the structure runs once under ``vmap``."""
-
-    def __init__(self, generators: Sequence[nn.Module]):
-        super().__init__()
-        self.generators = nn.ModuleList(generators)
-        self.template = copy.deepcopy(generators[0]).to("meta")  # the structure, no memory
-        self.min_side = generators[0].min_side
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = [n for n, _ in self.generators[0].named_parameters()]
-        per = [dict(g.named_parameters()) for g in self.generators]
-        stacked = {n: torch.stack([p[n] for p in per]) for n in names}
-        buffers = dict(self.generators[0].named_buffers())  # constants, the same in every generator
-
-        def one(params):
-            return functional_call(self.template, {**params, **buffers}, (x,))
-
-        return torch.func.vmap(one)(stacked)
-
-
-def group_runner(generators: Sequence[nn.Module], compiled, stack: bool):
-    """``run(x) -> [rgba of each generator]`` for generators trained together: one stacked call
-    (:class:`StackedGenerators`, ``stack``) or each in turn (each generator's own call, bit for bit
-    a lone edit's; the generator's fp32 gradient is ill-conditioned enough, about 1e-2 relative
-    against fp64 at its deepest levels, that any other order of sums moves a run's numbers by more
-    than rounding). ``compiled`` wraps a module (the engine's compile)."""
+def group_runner(generators: Sequence[Generator], compiled, stack: bool):
+    """``run(x) -> [rgba of each generator]`` for generators trained together: one grouped call
+    (:class:`~t2l_fast.models.generator.GeneratorGroup`, ``stack``) or each in turn (each
+    generator's own call, bit for bit a lone edit's; the generator's fp32 gradient is
+    ill-conditioned enough, about 1e-2 relative against fp64 at its deepest levels, that any other
+    order of sums moves a run's numbers by more than rounding). ``compiled`` wraps a module (the
+    engine's compile)."""
     if len(generators) == 1 or not stack:
         runs = [compiled(g) for g in generators]
         return lambda x: [run(x) for run in runs]
-    run = compiled(StackedGenerators(generators))
+    run = compiled(GeneratorGroup(list(generators)))
     return lambda x: list(run(x).unbind(0))
 
 
@@ -140,6 +118,16 @@ def variants_per_run(n: int, device: torch.device, limit: int, bytes_per_variant
         return min(n, CPU_VARIANTS_PER_RUN)
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(n, int(0.8 * free) // bytes_per_variant))
+
+
+def bytes_per_variant(hw: tuple[int, int], cfg) -> int:
+    """An estimate of one variant's activation memory in a step at source size ``hw``: the
+    generator's feature maps (fp32 and their gradients) at the largest crop. bench_memory measures
+    the real figure on a GPU."""
+    h, w = hw
+    side = cfg.data.scale_max**2 * h * w
+    channels = cfg.generator.channels_down + cfg.generator.channels_up + cfg.generator.channels_skip
+    return int(side * channels * 4 * 2 * 6)  # 4 bytes, with gradient, ~6 maps per level's width
 
 
 # -- what a person compares --------------------------------------------------------------------------
@@ -163,25 +151,55 @@ def grid_layout(hw: tuple[int, int], n: int) -> tuple[tuple[int, int], list[tupl
 def variants_grid(source: torch.Tensor, composites: list[torch.Tensor], captions: list[str]):
     """The comparison sheet (a PIL RGB image): ``source`` and each composite (3, H, W) in [0, 1] at
     :data:`TILE_HEIGHT`, each with its caption under it (the source's: "source")."""
+    sheet, boxes = _captioned_page((int(source.shape[-2]), int(source.shape[-1])), captions)
+    for picture, (top, left, th, tw) in zip([source, *composites], boxes, strict=True):
+        sheet.paste(_tile(picture, th, tw), (left, top))
+    return sheet
+
+
+def variants_video(frames: torch.Tensor, composites: list[torch.Tensor], captions: list[str]) -> torch.Tensor:
+    """The comparison sheet of every frame: (T, 3, H, W) uint8, frame t the :func:`variants_grid` of
+    ``frames[t]`` and each composite's frame t (each (T, 3, h, w) in [0, 1]). The captions are drawn
+    once, on a white page copied into every frame; each frame's tiles are pasted into its copy. H and W
+    are made even (a white row or column: H.264's yuv420p needs even sizes)."""
+    page, boxes = _captioned_page((int(frames.shape[-2]), int(frames.shape[-1])), captions)
+    gw, gh = page.size
+    blank = np.full((gh + gh % 2, gw + gw % 2, 3), 255, dtype=np.uint8)
+    blank[:gh, :gw] = np.asarray(page)
+    out = np.empty((frames.shape[0], *blank.shape), dtype=np.uint8)  # (T, H, W, 3)
+    out[:] = blank
+    for t in range(frames.shape[0]):
+        pictures = [frames[t]] + [c[t] for c in composites]
+        for picture, (top, left, th, tw) in zip(pictures, boxes, strict=True):
+            out[t, top : top + th, left : left + tw] = np.asarray(_tile(picture, th, tw))
+    return torch.from_numpy(out).permute(0, 3, 1, 2)  # a view: write_video's (T, H, W, 3) is this memory
+
+
+def _captioned_page(hw: tuple[int, int], captions: list[str]):
+    """The sheet without its pictures (white, the captions drawn: the source's "source", then
+    ``captions``) and the pictures' boxes (:func:`grid_layout`)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    (gh, gw), boxes = grid_layout((int(source.shape[-2]), int(source.shape[-1])), len(composites))
-    sheet = Image.new("RGB", (gw, gh), "white")
-    draw = ImageDraw.Draw(sheet)
+    (gh, gw), boxes = grid_layout(hw, len(captions))
+    page = Image.new("RGB", (gw, gh), "white")
+    draw = ImageDraw.Draw(page)
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1: one size
         font = ImageFont.load_default()
-    for picture, caption, (top, left, th, tw) in zip(
-        [source, *composites], ["source", *captions], boxes, strict=True
-    ):
-        tile = Image.fromarray(to_uint8(picture)).resize((tw, th), Image.Resampling.BICUBIC)
-        sheet.paste(tile, (left, top))
-        for i, line in enumerate(caption.splitlines()[:2]):
+    for text, (top, left, th, tw) in zip(["source", *captions], boxes, strict=True):
+        for i, line in enumerate(text.splitlines()[:2]):
             draw.text(
                 (left + 4, top + th + 3 + 17 * i), _fit(draw, line, font, tw - 8), fill="black", font=font
             )
-    return sheet
+    return page, boxes
+
+
+def _tile(picture: torch.Tensor, th: int, tw: int):
+    """``picture`` (3, H, W) in [0, 1] as a PIL image of ``tw`` x ``th`` (bicubic)."""
+    from PIL import Image
+
+    return Image.fromarray(to_uint8(picture)).resize((tw, th), Image.Resampling.BICUBIC)
 
 
 def _fit(draw, text: str, font, width: int) -> str:
@@ -199,16 +217,33 @@ def caption(variant: Variant) -> str:
 
 def save_variants(out_dir: str | os.PathLike, variants: list[Variant], results: list) -> list[Path]:
     """``OUT/<name>/`` per variant (``result.save``), ``OUT/variants.png`` and ``OUT/variants.json``
-    (each variant's prompts, seed, folder and final losses), each file written whole."""
+    (each variant's prompts, seed, folder and final losses), each file written whole. Video results
+    (with ``frames``) also write ``OUT/variants.mp4`` (the sheet of every frame, at the results'
+    rate); their ``variants.png`` is the sheet of the middle frame."""
+    if len(results) != len(variants):
+        raise ValueError(f"{len(variants)} variants but {len(results)} results: one result per variant")
+    if not results:
+        raise InputError("no variants to save: give at least one variant and its result")
     out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for variant, result in zip(variants, results, strict=True):
         paths += result.save(out / variant.name)
-    sheet = variants_grid(results[0].source, [r.composite for r in results], [caption(v) for v in variants])
+    captions = [caption(v) for v in variants]
+    video = hasattr(results[0], "frames")  # a VideoEditResult (its source is the frames)
+    if video:
+        mid = results[0].frames.shape[0] // 2
+        sheet = variants_grid(results[0].frames[mid], [r.composite[mid] for r in results], captions)
+    else:
+        sheet = variants_grid(results[0].source, [r.composite for r in results], captions)
     with atomic_path(out / "variants.png") as tmp:
         sheet.save(tmp, format="PNG")
     paths.append(out / "variants.png")
+    if video:
+        from ..video_io import write_video
+
+        grid = variants_video(results[0].frames, [r.composite for r in results], captions)
+        paths.append(write_video(out / "variants.mp4", grid, results[0].fps))
     summary = [
         {
             "name": v.name,

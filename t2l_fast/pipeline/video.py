@@ -15,6 +15,8 @@ over black, CLIP judges it alone), against the unmasked frames on the source sid
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import random
@@ -29,12 +31,13 @@ from ..io import InputError, save_png
 from ..kernels import composite_rgba, sample_atlas
 from ..losses import Layers
 from ..models.atlas import AtlasData
-from ..models.generator import Generator
 from ..models.nla import load_nla_checkpoint, precompute_atlas
 from ..video_io import read_video, write_frames, write_video
 from .base import Editor, Result, Run
 from .callbacks import StepCallback, step_end_hook
 from .crops import CropSampler
+from .engine import optimise_group
+from .variants import Variant, make_variants
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,29 @@ class VideoEditor(Editor):
             )
         return VideoRun(cfg, frames, float(fps), data)
 
+    def prepare_variants(self, video, variants: list[Variant], atlas=None, layer=None) -> list[VideoRun]:
+        """One prepared run per variant (:func:`~t2l_fast.pipeline.variants.make_variants`): the
+        video and its atlas read once and shared, each config with its prompts and seed, all on one
+        draw stream (``config.draw_seed``, else the first variant's seed)."""
+        first = variants[0]
+        run = self.prepare(video, atlas, first.prompt, first.screen_prompt, first.roi_prompt, layer)
+        runs = []
+        for variant in variants:
+            cfg = copy.deepcopy(run.config)
+            cfg.prompt, cfg.seed = variant.prompt, variant.seed
+            if variant.screen_prompt is not None:
+                cfg.screen_prompt = variant.screen_prompt
+            if variant.roi_prompt is not None:
+                cfg.roi_prompt = variant.roi_prompt
+            if cfg.seed < 0:
+                cfg.seed = random.randrange(2**31)
+            cfg.validate()
+            runs.append(dataclasses.replace(run, config=cfg))
+        draw_seed = runs[0].config.seed if run.config.draw_seed is None else run.config.draw_seed
+        for r in runs:
+            r.config.draw_seed = draw_seed
+        return runs
+
     def __call__(
         self,
         video,
@@ -203,10 +229,23 @@ class VideoEditor(Editor):
         roi_prompt=None,
         layer=None,
         *,
+        seed: int | list[int] | None = None,
         callback: StepCallback | None = None,
         progress: bool = False,
-    ) -> VideoEditResult:
+    ):
+        """Edit ``video`` (a folder of frames, a video file, or a (T, 3, H, W) tensor) through its
+        ``atlas``: a :class:`VideoEditResult`. A list of prompts or of seeds makes variants (every
+        prompt with every seed, trained together): a list of results, one per variant."""
+        if isinstance(prompt, (list, tuple)) or isinstance(seed, (list, tuple)):
+            chosen = self.config.prompt if prompt is None else prompt
+            variants = make_variants(
+                chosen, self.config.seed if seed is None else seed, screen_prompt, roi_prompt
+            )
+            runs = self.prepare_variants(video, variants, atlas, layer)
+            return self.train_variants(runs, callback=callback, progress=progress)
         run = self.prepare(video, atlas, prompt, screen_prompt, roi_prompt, layer)
+        if seed is not None:
+            run.config.seed = seed
         return self.train(run, callback=callback, progress=progress)
 
     # -- training -----------------------------------------------------------------------------------
@@ -215,16 +254,32 @@ class VideoEditor(Editor):
     ) -> VideoEditResult:
         """The optimisation loop on a prepared run (from ``prepare``); Ctrl-C, or the callback
         (:mod:`~t2l_fast.pipeline.callbacks`: no pictures for a video) returning True, ends it early."""
-        device, cfg = self.device, run.config
+        return self._train([run], callback=callback, progress=progress)[0]
+
+    def _activation_hw(self, run: VideoRun) -> tuple[int, int]:
+        return int(run.frames.shape[-2]), int(run.frames.shape[-1])
+
+    def _train(
+        self,
+        runs: list[VideoRun],
+        *,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+        first: int = 0,
+    ) -> list[VideoEditResult]:
+        """Train the runs' generators together (one, or variants sharing the video, its atlas and
+        the draws: the windows, crops and views)."""
+        device, run, n = self.device, runs[0], len(runs)
+        cfg = run.config
         clip, engine = self._start(run)
-        generator = Generator(cfg.generator).to(device)
-        run_generator = engine.compiled(generator)
-        sampler = CropSampler(run, device, generator.min_side, engine.bucket)
-        objective = self.objective(clip, cfg, engine)
+        generators, run_generators = self._generators(runs, engine)
+        smallest = generators[0].min_side
+        sampler = CropSampler(run, device, smallest, engine.bucket)
+        objective = self.objective(clip, [r.config for r in runs], engine)
         foreground = cfg.video.layer == "foreground"
 
-        def generate(x: torch.Tensor) -> torch.Tensor:
-            return _at_least(run_generator, x, generator.min_side).float()
+        def generate(x: torch.Tensor) -> list[torch.Tensor]:
+            return [y.float() for y in _at_least(run_generators, x, smallest)]
 
         shrink = cfg.video.crop_downscale
 
@@ -238,9 +293,8 @@ class VideoEditor(Editor):
             atlas_in, seen = jitter(crop.atlas, gen, crop.frames)
             flip = float(torch.rand(1, generator=gen)) < cfg.data.flip_p
             atlas_in = _downscaled(atlas_in, shrink)  # the fused op samples any size (normalised UVs)
-            rgba = generate(atlas_in.flip(-1) if flip else atlas_in)
-            rgba = rgba.flip(-1) if flip else rgba
-            frames = _frame_layers(rgba[0], crop, seen, foreground)
+            rgbas = generate(atlas_in.flip(-1) if flip else atlas_in)
+            frames = [_frame_layers((r.flip(-1) if flip else r)[0], crop, seen, foreground) for r in rgbas]
             # one window fed to the generator directly, as the original: the layer's reconstruction
             # (background: the atlas sampled there, without the object; foreground: the object over
             # black), jittered and flipped like the atlas crop; a foreground output is multiplied by A
@@ -249,34 +303,42 @@ class VideoEditor(Editor):
             a_k = crop.opacity[k : k + 1, None]
             if flip:
                 src, a_k = src.flip(-1), a_k.flip(-1)
-            one = generate(src)
-            if foreground:
-                one = one * a_k
-            direct = Layers.from_rgba(one, src)
             whole = (step + 1) % cfg.data.source_every == 0
-            # the bootstrap term as the original computes it in effect: its loss assigns instead of
-            # adding, so only the step's last example counts (the whole atlas, else the direct crop),
-            # divided by the number of examples
-            frames.bootstrap_share = (0.0,) * len(frames)
-            direct.bootstrap_share = (0.0 if whole else 1.0,)
-            batch = Layers.cat([frames, direct])
-            n = len(batch) + (1 if whole else 0)
-            yield batch, None, len(batch) / n
+            batches = []
+            for seen_frames, one in zip(frames, generate(src), strict=True):
+                direct = Layers.from_rgba(one * a_k if foreground else one, src)
+                # the bootstrap term as the original computes it in effect: its loss assigns instead
+                # of adding, so only the step's last example counts (the whole atlas, else the direct
+                # crop), divided by the number of examples
+                seen_frames.bootstrap_share = (0.0,) * len(seen_frames)
+                direct.bootstrap_share = (0.0 if whole else 1.0,)
+                batches.append(Layers.cat([seen_frames, direct]))
+            count = len(batches[0]) + (1 if whole else 0)
+            yield batches, None, len(batches[0]) / count, None
             if whole:
                 atlas_img = sampler.whole_atlas
-                yield Layers.from_rgba(generate(atlas_img), atlas_img), ("atlas",), 1 / n
+                yield (
+                    [Layers.from_rgba(r, atlas_img) for r in generate(atlas_img)],
+                    ("atlas",),
+                    1 / count,
+                    None,
+                )
 
-        history, interrupted = self._optimise(
-            run,
+        histories, interrupted = optimise_group(
             engine,
-            generator,
+            generators,
             objective,
             examples_of_step,
-            on_step=step_end_hook(callback, cfg.optim.steps),
+            cfg.optim,
+            cfg.seed if cfg.draw_seed is None else cfg.draw_seed,
+            on_step=step_end_hook(callback, cfg.optim.steps, first=first),
             progress=progress,
-            desc=f"editing {cfg.video.layer}",
+            desc=f"editing {cfg.video.layer}" + (f", {n} variants" if n > 1 else ""),
         )
-        return self._render(run, generator, sampler, engine, history, interrupted, clip.is_test_model)
+        return [
+            self._render(r, g, sampler, engine, history, interrupted, clip.is_test_model)
+            for r, g, history in zip(runs, generators, histories, strict=True)
+        ]
 
     @torch.no_grad()
     def _render(
@@ -285,9 +347,8 @@ class VideoEditor(Editor):
         """The generator on the whole atlas once, sampled at every pixel's UV, over the original frames."""
         region = sampler.region_image  # (1, 3, h, w): foreground: the object's part of the atlas
         with engine.autocast():
-            rgba = _at_least(
-                generator, _downscaled(region, run.config.video.crop_downscale), generator.min_side
-            )
+            shrunk = _downscaled(region, run.config.video.crop_downscale)
+            (rgba,) = _at_least(lambda x: [generator(x)], shrunk, generator.min_side)
             if rgba.shape[-2:] != region.shape[-2:]:
                 rgba = F.interpolate(
                     rgba.float(), size=region.shape[-2:], mode="bilinear", align_corners=False
@@ -355,8 +416,9 @@ def _downscaled(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
-def _at_least(net, x: torch.Tensor, smallest: int) -> torch.Tensor:
-    """``net(x)`` for x (B, 3, h, w); upsampled first (and back after) when a side is below ``smallest``."""
+def _at_least(net, x: torch.Tensor, smallest: int) -> list[torch.Tensor]:
+    """``net(x)`` for x (B, 3, h, w), a list (one output per generator of a group); upsampled first
+    (and each output back after) when a side is below ``smallest``."""
     h, w = x.shape[-2:]
     if min(h, w) >= smallest:
         return net(x)
@@ -367,4 +429,6 @@ def _at_least(net, x: torch.Tensor, smallest: int) -> torch.Tensor:
         mode="bilinear",
         align_corners=False,
     )
-    return F.interpolate(net(big), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return [
+        F.interpolate(y, size=(h, w), mode="bilinear", antialias=True, align_corners=False) for y in net(big)
+    ]

@@ -176,7 +176,8 @@ def test_op_registrations_are_consistent(device, op, make):
 def test_fused_ops_do_not_break_the_objective(tiny_clip):
     """The objective (t2l_fast.losses), traced through its public call: the fused ops it calls add
     no graph break (breaks elsewhere, e.g. host-side random draws, are the objective's own)."""
-    from t2l_fast.losses import Layers, Objective
+    from t2l_fast.losses import Layers
+    from t2l_fast.objective import Objective
     from tests.conftest import small_config
 
     cfg = small_config()
