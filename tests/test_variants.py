@@ -310,3 +310,26 @@ def test_each_video_variant_equals_its_lone_run(tiny_clip, layer):
         torch.testing.assert_close(results[k].composite, lone.composite, rtol=1e-5, atol=1e-6)
     assert {"bootstrap", "comp_dir"} <= set(results[0].losses[0])
     assert not torch.equal(results[0].atlas_edit, results[2].atlas_edit)
+
+
+def test_compiled_video_variants_keep_the_lone_edits_compile_plan(tiny_clip):
+    """Three video variants as one grouped network, compiled (aot_eager) over 4 steps of changing
+    windows: the lone edit's three graphs (generators, objective for the group, no graph break)."""
+    import torch._dynamo
+
+    from t2l_fast.pipeline.video import VideoEditor
+    from t2l_fast.synthetic import two_layer_scene
+    from tests.test_video import small_video_config
+
+    data, frames = two_layer_scene()
+    cfg = small_video_config(steps=4)
+    cfg.runtime.mode, cfg.runtime.compile, cfg.runtime.compile_backend = "fast", "on", "aot_eager"
+    cfg.runtime.stack_variants, cfg.runtime.variants_per_run = "on", 3
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's choice per size: a CPU-only guard
+        VideoEditor(cfg, device="cpu", clip=tiny_clip)(
+            frames, atlas=data, prompt=["winter", "autumn", "spring"]
+        )
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
