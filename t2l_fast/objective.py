@@ -114,11 +114,11 @@ class Objective:
         self.clip = clip
         self.cfg = cfgs[0]  # the settings every variant shares (views, loss weights)
         memo: dict = {}  # the variants' shared prompts: encoded once
-        self.variants = [texts] if texts is not None else [Texts.encode(clip, c, memo) for c in cfgs]
-        self.texts = self.variants[0]
+        self.variant_texts = [texts] if texts is not None else [Texts.encode(clip, c, memo) for c in cfgs]
+        self.texts = self.variant_texts[0]
         self._boot_prompts = [c.effective_bootstrap_prompt for c in cfgs]
         self.bootstrap_steps = self.cfg.effective_bootstrap_steps if self.texts.bootstrap is not None else 0
-        if len({signature(t) for t in self.variants}) > 1:
+        if len({signature(t) for t in self.variant_texts}) > 1:
             raise ValueError("variants must share their prompts' structure (ROI prompt for all or none)")
         self.criterion = (
             spherical_distance if self.cfg.loss.text_criterion == "spherical" else cosine_criterion
@@ -205,7 +205,7 @@ class Objective:
     def _relevancies(self, source: torch.Tensor, cache_key: tuple | None) -> list[torch.Tensor]:
         """Each variant's relevancy target of ``source``: computed once per bootstrap prompt."""
         done: dict[str, torch.Tensor] = {}
-        for prompt, texts in zip(self._boot_prompts, self.variants, strict=True):
+        for prompt, texts in zip(self._boot_prompts, self.variant_texts, strict=True):
             if prompt not in done:
                 key = None if cache_key is None else (prompt, *cache_key)
                 done[prompt] = self._cached(
@@ -258,8 +258,8 @@ class Objective:
         choices ``draw`` (on the layers' device). ``weight``, the host's copy of ``draw.bootstrap``,
         says whether the relevancy target is needed."""
         group = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-        if len(group) != len(self.variants):
-            raise ValueError(f"{len(group)} layers for {len(self.variants)} variants")
+        if len(group) != len(self.variant_texts):
+            raise ValueError(f"{len(group)} layers for {len(self.variant_texts)} variants")
         targets: list[torch.Tensor | None] = [None] * len(group)
         if weight > 0:
             targets = list(self._relevancies(group[0].source, cache_key))
@@ -268,7 +268,7 @@ class Objective:
         else:
             terms = [
                 self._reference(one, draw, t, texts)
-                for one, t, texts in zip(group, targets, self.variants, strict=True)
+                for one, t, texts in zip(group, targets, self.variant_texts, strict=True)
             ]
         return terms if isinstance(layers, (list, tuple)) else terms[0]
 
@@ -298,7 +298,8 @@ class Objective:
         for k, s in enumerate(seen):
             s["tokens"], s["structure_target"] = None if tokens is None else tokens[k], target
             s["relevancy"] = relevancy[k]
-        return [self._terms(one, draw, s, t) for one, s, t in zip(layers, seen, self.variants, strict=True)]
+        each = zip(layers, seen, self.variant_texts, strict=True)
+        return [self._terms(one, draw, s, texts) for one, s, texts in each]
 
     def _embeddings(self, layers: list[Layers], draw: StepDraw, separate: bool = False) -> list[dict]:
         """What CLIP saw of each variant's examples, by name: the view embeddings "clip" and

@@ -311,6 +311,24 @@ def test_every_run_and_cancel_gets_its_session(app):
     assert sorted(checked) == ["edit", "edit", "edit_variants", "run_fit", "stop", "stop"], checked
 
 
+def test_a_bad_fit_request_is_one_status_line_and_leaves_the_other_outputs(app):
+    """Like the edits: the fit's bad input is the status's last update, not an exception (which
+    would mark every output of the fit with an error badge)."""
+    import gradio as gr
+
+    from t2l_fast.serve.page import build_page
+
+    page = build_page(app)
+    (fit,) = [f for f in page.fns.values() if f.name == "run_fit"]
+    n = len(fit.inputs)
+    no_video = [None, None, 20, "96x64", None, "masks"] + [0] * (n - 6)  # the fields, the video missing
+    with pytest.warns(UserWarning, match="video"):
+        updates = list(fit.fn(gr.Request(username="someone"), *no_video))
+    status, *rest = updates[-1]
+    assert status.startswith("error: ") and "video" in status and "\n" not in status
+    assert len(rest) == len(fit.outputs) - 1 and all(u == gr.skip() for u in rest)
+
+
 def test_serve_says_in_one_line_when_the_port_is_taken():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -337,8 +337,8 @@ def _video_tab(app: App) -> None:
         try:
             updates = app.fit_atlas(_session(request), video, masks, iterations, size, frames, how, xywh)
             yield from _outputs(updates, fit_names)
-        except InputError as exc:
-            raise _error(exc) from None
+        except InputError as exc:  # one line in the status, as the edits' (no error badge on each output)
+            yield _failed(exc, fit_names)
 
     # the box: four numbers beside the first frame, on which it is drawn as they change
     find.change(lambda how: gr.update(visible=how == "box"), find, box_group, concurrency_limit=None)
