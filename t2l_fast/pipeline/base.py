@@ -5,9 +5,11 @@ and how a trained generator is saved."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +97,7 @@ class Editor:
     # each editor's own: train the runs' generators together (one result per run), and the size
     # (H, W) a step's activations scale with (the source image, the video's frames)
     _train: Callable[..., list]
+    prepare: Callable[..., Any]  # validate an input and its prompts: a Run
     _activation_hw: Callable[[Any], tuple[int, int]]
 
     def __init__(
@@ -173,6 +176,37 @@ class Editor:
             interrupted=interrupted,
             is_test_model=is_test,
         )
+
+    def prepare_variants(self, source, variants: list, **inputs) -> list:
+        """One prepared run per variant (:func:`~t2l_fast.pipeline.variants.make_variants`): the
+        input read and checked once (``prepare(source, **inputs)`` with the first variant's prompts;
+        a video's atlas and layer in ``inputs``) and shared; each config with its variant's prompts
+        and seed (-1: one drawn), checked; all on one draw stream (``config.draw_seed``, else the
+        first variant's seed)."""
+        first = variants[0]
+        run = self.prepare(
+            source,
+            prompt=first.prompt,
+            screen_prompt=first.screen_prompt,
+            roi_prompt=first.roi_prompt,
+            **inputs,
+        )
+        runs = []
+        for variant in variants:
+            cfg = copy.deepcopy(run.config)
+            cfg.prompt, cfg.seed = variant.prompt, variant.seed
+            if variant.screen_prompt is not None:
+                cfg.screen_prompt = variant.screen_prompt
+            if variant.roi_prompt is not None:
+                cfg.roi_prompt = variant.roi_prompt
+            if cfg.seed < 0:
+                cfg.seed = random.randrange(2**31)
+            cfg.validate()
+            runs.append(dataclasses.replace(run, config=cfg))
+        draw_seed = runs[0].config.seed if run.config.draw_seed is None else run.config.draw_seed
+        for r in runs:
+            r.config.draw_seed = draw_seed
+        return runs
 
     def train_variants(self, runs: list, **kwargs) -> list:
         """The prepared variants (``prepare_variants``) trained together, as many per run as

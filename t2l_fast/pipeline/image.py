@@ -27,7 +27,7 @@ from ..models.generator import Generator, min_side
 from .base import Editor, Result, Run
 from .callbacks import StepCallback, check_inputs, step_end_hook
 from .engine import Engine, optimise_group
-from .variants import Variant, make_variants
+from .variants import make_variants
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +101,6 @@ class ImageEditor(Editor):
         if cfg.seed < 0:
             cfg.seed = random.randrange(2**31)
         return ImageRun(cfg, source[None], notes)
-
-    def prepare_variants(self, image, variants: list[Variant]) -> list[ImageRun]:
-        """One prepared run per variant (:func:`~t2l_fast.pipeline.variants.make_variants`), all
-        on one draw stream: ``config.draw_seed``, else the first variant's seed."""
-        runs = [self.prepare(image, v.prompt, v.screen_prompt, v.roi_prompt, seed=v.seed) for v in variants]
-        first = runs[0].config
-        draw_seed = first.seed if first.draw_seed is None else first.draw_seed
-        for run in runs:
-            run.config.draw_seed = draw_seed
-        return runs
 
     def __call__(
         self,

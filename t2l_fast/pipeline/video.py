@@ -15,8 +15,6 @@ over black, CLIP judges it alone), against the unmasked frames on the source sid
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import os
 import random
@@ -37,7 +35,7 @@ from .base import Editor, Result, Run
 from .callbacks import StepCallback, step_end_hook
 from .crops import CropSampler
 from .engine import optimise_group
-from .variants import Variant, make_variants
+from .variants import make_variants
 
 log = logging.getLogger(__name__)
 
@@ -197,29 +195,6 @@ class VideoEditor(Editor):
             )
         return VideoRun(cfg, frames, float(fps), data)
 
-    def prepare_variants(self, video, variants: list[Variant], atlas=None, layer=None) -> list[VideoRun]:
-        """One prepared run per variant (:func:`~t2l_fast.pipeline.variants.make_variants`): the
-        video and its atlas read once and shared, each config with its prompts and seed, all on one
-        draw stream (``config.draw_seed``, else the first variant's seed)."""
-        first = variants[0]
-        run = self.prepare(video, atlas, first.prompt, first.screen_prompt, first.roi_prompt, layer)
-        runs = []
-        for variant in variants:
-            cfg = copy.deepcopy(run.config)
-            cfg.prompt, cfg.seed = variant.prompt, variant.seed
-            if variant.screen_prompt is not None:
-                cfg.screen_prompt = variant.screen_prompt
-            if variant.roi_prompt is not None:
-                cfg.roi_prompt = variant.roi_prompt
-            if cfg.seed < 0:
-                cfg.seed = random.randrange(2**31)
-            cfg.validate()
-            runs.append(dataclasses.replace(run, config=cfg))
-        draw_seed = runs[0].config.seed if run.config.draw_seed is None else run.config.draw_seed
-        for r in runs:
-            r.config.draw_seed = draw_seed
-        return runs
-
     def __call__(
         self,
         video,
@@ -241,7 +216,7 @@ class VideoEditor(Editor):
             variants = make_variants(
                 chosen, self.config.seed if seed is None else seed, screen_prompt, roi_prompt
             )
-            runs = self.prepare_variants(video, variants, atlas, layer)
+            runs = self.prepare_variants(video, variants, atlas=atlas, layer=layer)
             return self.train_variants(runs, callback=callback, progress=progress)
         run = self.prepare(video, atlas, prompt, screen_prompt, roi_prompt, layer)
         if seed is not None:
